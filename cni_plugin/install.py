@@ -1,0 +1,118 @@
+"""install-cni: put the CNI executables and the rendered conflist/kubeconfig into the host's CNI dirs.
+
+Same contract as Calico's install container: env ``CNI_NETWORK_CONFIG`` (template with
+``__KUBERNETES_NODE_NAME__``, ``__CNI_MTU__``, ``__KUBECONFIG_FILEPATH__``, ``__LOG_LEVEL__``,
+``__DATASTORE_TYPE__``, ``__CALICO_API_GROUP__``), ``CNI_NET_DIR`` (/etc/cni/net.d), ``CNI_CONF_NAME``
+(10-calico.conflist), ``CNI_MTU`` (1500), ``KUBERNETES_NODE_NAME``.
+
+The executable is our stdlib-only client; its shebang is rewritten to a Python interpreter that exists
+on the *host* (the runtime executes it there, outside our container). Decision: we require a host
+python3 (>= 3.8, stdlib only) and fail the install loudly when there is none, rather than ship a
+compiled shim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from cni_plugin import client
+
+DEFAULT_TEMPLATE = """{
+  "name": "k8s-pod-network",
+  "cniVersion": "0.3.1",
+  "plugins": [
+    {"type": "calico", "log_level": "__LOG_LEVEL__", "datastore_type": "__DATASTORE_TYPE__",
+     "nodename": "__KUBERNETES_NODE_NAME__", "mtu": __CNI_MTU__, "ipam": {"type": "calico-ipam"},
+     "policy": {"type": "k8s"}, "kubernetes": {"kubeconfig": "__KUBECONFIG_FILEPATH__"}},
+    {"type": "portmap", "snat": true, "capabilities": {"portMappings": true}}
+  ]
+}"""
+
+PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
+
+
+class InstallError(RuntimeError):
+    pass
+
+
+def find_host_python(host_root: Path) -> str:
+    for cand in PYTHON_CANDIDATES:
+        if (host_root / cand.lstrip("/")).exists():
+            return cand
+    raise InstallError(f"no python3 found on the host under {host_root} (looked for {PYTHON_CANDIDATES}); "
+                       "felixpy's CNI client needs the host's python3")
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def install_binaries(bin_dir: Path, python: str, names: tuple[str, ...] = ("calico", "calico-ipam")) -> list[Path]:
+    src = Path(client.__file__).read_text()
+    body = src.split("\n", 1)[1] if src.startswith("#!") else src
+    data = f"#!{python} -I -S\n{body}".encode()
+    out = []
+    for n in names:
+        p = bin_dir / n
+        _atomic_write(p, data, 0o755)
+        out.append(p)
+    return out
+
+
+def render_conflist(template: str, env: Mapping[str, str], kubeconfig_path: str) -> str:
+    subs = {
+        "__KUBERNETES_NODE_NAME__": env.get("KUBERNETES_NODE_NAME", ""),
+        "__CNI_MTU__": env.get("CNI_MTU", "1500"),
+        "__KUBECONFIG_FILEPATH__": kubeconfig_path,
+        "__LOG_LEVEL__": env.get("LOG_LEVEL", "info"),
+        "__DATASTORE_TYPE__": env.get("DATASTORE_TYPE", "kubernetes"),
+        "__CALICO_API_GROUP__": env.get("CALICO_API_GROUP", "crd.projectcalico.org/v1"),
+    }
+    out = template
+    for k, v in subs.items():
+        out = out.replace(k, v)
+    try:
+        doc = json.loads(out)
+    except ValueError as e:
+        raise InstallError(f"CNI_NETWORK_CONFIG does not render to valid JSON: {e}") from None
+    if "plugins" not in doc and "type" not in doc:
+        raise InstallError("CNI_NETWORK_CONFIG is neither a conflist nor a single plugin config")
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def run_install(env: Mapping[str, str], *, host_root: Path = Path("/host"), bin_dir: Path | None = None,
+                net_dir: Path | None = None, kubeconfig: str = "") -> dict[str, str]:
+    """Install into ``host_root`` (the host filesystem mounted in the init container)."""
+    bdir = bin_dir or host_root / "opt/cni/bin"
+    ndir = net_dir or host_root / env.get("CNI_NET_DIR", "/etc/cni/net.d").lstrip("/")
+    python = env.get("FELIXPY_HOST_PYTHON") or find_host_python(host_root)
+    installed = install_binaries(bdir, python)
+    kubeconfig_host_path = ""
+    if kubeconfig:
+        kc = ndir / "calico-kubeconfig"
+        _atomic_write(kc, kubeconfig.encode(), 0o600)
+        kubeconfig_host_path = "/" + str(kc.relative_to(host_root)) if kc.is_relative_to(host_root) else str(kc)
+    conf = render_conflist(env.get("CNI_NETWORK_CONFIG", DEFAULT_TEMPLATE), env, kubeconfig_host_path)
+    conf_path = ndir / env.get("CNI_CONF_NAME", "10-calico.conflist")
+    _atomic_write(conf_path, conf.encode(), 0o644)
+    return {"binaries": ",".join(str(p) for p in installed), "conflist": str(conf_path), "python": python}
+
+
+def copy_plugin(dst: Path) -> None:
+    """Test/lab helper: install the client under one name with this machine's /usr/bin/python3."""
+    shutil.copyfile(client.__file__, dst)
+    os.chmod(dst, 0o755)

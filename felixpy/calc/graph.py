@@ -1,0 +1,125 @@
+"""The calculation layer: datastore state in, dataplane messages out. Pure: no asyncio, no I/O.
+
+It keeps the synced view of the kinds it cares about plus the :class:`LocalOverlay` of this agent's own
+writes, derives this node's local state (its WorkloadEndpoints, its affine IPAM blocks), and emits a
+message only when the derived state of a key changes. ``flush()`` returns messages in dependency order:
+removals first (so an address moving between endpoints is released before it is claimed again).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from felixpy.calc.messages import (
+    InSync,
+    LocalBlockRemove,
+    LocalBlockUpdate,
+    Message,
+    WorkloadEndpointRemove,
+    WorkloadEndpointUpdate,
+)
+from felixpy.calc.overlay import LocalOverlay
+from felixpy.datastore.api import KIND_IPAM_BLOCK, KIND_WEP, Key, Resource
+from felixpy.datastore.syncer import Update
+from felixpy.model.resources import InvalidResource, parse_block, parse_wep
+
+log = logging.getLogger(__name__)
+
+_Derived = WorkloadEndpointUpdate | LocalBlockUpdate
+
+
+class CalcGraph:
+    def __init__(self, node: str, *, overlay_ttl: float = 60.0) -> None:
+        self.node = node
+        self._synced: dict[Key, Resource] = {}
+        self.overlay = LocalOverlay(overlay_ttl)
+        self._emitted: dict[Key, _Derived] = {}
+        self._dirty: set[Key] = set()
+        self._in_sync_pending = False
+        self.invalid_resources = 0
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def on_updates(self, updates: Iterable[Update]) -> None:
+        for u in updates:
+            if u.key.kind not in (KIND_WEP, KIND_IPAM_BLOCK):
+                continue
+            if u.value is None:
+                self._synced.pop(u.key, None)
+            else:
+                self._synced[u.key] = u.value
+            if not self.overlay.shadows(u.key, u.value, u.revision):
+                self._dirty.add(u.key)
+
+    def on_in_sync(self) -> None:
+        self._in_sync_pending = True
+
+    def on_local_write(self, key: Key, value: Resource | None, revision: str, now: float) -> None:
+        """This agent wrote ``key`` (value None = deleted; revision = the write's, or last known for deletes)."""
+        if value is None:
+            self.overlay.record_delete(key, revision, now)
+        else:
+            self.overlay.record_put(key, value, revision, now)
+        self._dirty.add(key)
+
+    def expire(self, now: float) -> None:
+        self._dirty.update(self.overlay.expire(now))
+
+    # -- derivation ---------------------------------------------------------------------------------
+    def _effective(self, key: Key) -> Resource | None:
+        present, value = self.overlay.get(key)
+        return value if present else self._synced.get(key)
+
+    def _derive(self, key: Key) -> _Derived | None:
+        res = self._effective(key)
+        if res is None:
+            return None
+        try:
+            if key.kind == KIND_WEP:
+                wep = parse_wep(res)
+                if wep.node and wep.node != self.node:
+                    return None
+                return WorkloadEndpointUpdate(key=key, iface=wep.iface, ipv4_nets=wep.ipv4_nets,
+                                              mac=wep.mac, container_id=wep.container_id)
+            if key.kind == KIND_IPAM_BLOCK:
+                blk = parse_block(res)
+                if blk.affinity_node != self.node or blk.deleted:
+                    return None
+                return LocalBlockUpdate(blk.cidr)
+        except InvalidResource as e:
+            self.invalid_resources += 1
+            log.error("skipping malformed %s: %s", key, e)
+        return None
+
+    def flush(self) -> list[Message]:
+        removes: list[Message] = []
+        updates: list[Message] = []
+        for key in sorted(self._dirty):
+            new = self._derive(key)
+            old = self._emitted.get(key)
+            if new == old:
+                continue
+            if old is not None:
+                if isinstance(old, WorkloadEndpointUpdate):
+                    if new is None:
+                        removes.append(WorkloadEndpointRemove(key))
+                elif isinstance(old, LocalBlockUpdate) and (new is None or new.cidr != old.cidr):
+                    removes.append(LocalBlockRemove(old.cidr))
+            if new is None:
+                self._emitted.pop(key, None)
+            else:
+                self._emitted[key] = new
+                updates.append(new)
+        self._dirty.clear()
+        out = removes + updates
+        if self._in_sync_pending:
+            out.append(InSync())
+            self._in_sync_pending = False
+        return out
+
+    # -- introspection (metrics, status) ------------------------------------------------------------
+    def local_endpoints(self) -> list[WorkloadEndpointUpdate]:
+        return [m for m in self._emitted.values() if isinstance(m, WorkloadEndpointUpdate)]
+
+    def local_blocks(self) -> list[LocalBlockUpdate]:
+        return [m for m in self._emitted.values() if isinstance(m, LocalBlockUpdate)]

@@ -1,0 +1,143 @@
+"""Agent settings from calico-node's environment variables (one place for every default).
+
+Precedence follows Felix for the parameters we read: ``FELIX_<PARAM>`` (case-insensitive) over the
+built-in default. FelixConfiguration resources from the datastore are layered on in a later issue.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from felixpy import names
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _felix_env(env: Mapping[str, str]) -> dict[str, str]:
+    """FELIX_* variables with the prefix stripped and the name lower-cased (Felix is case-insensitive)."""
+    return {k[6:].lower(): v for k, v in env.items() if k.upper().startswith("FELIX_")}
+
+
+def _bool(v: str, name: str) -> bool:
+    lv = v.strip().lower()
+    if lv in ("true", "1", "yes", "y", "t"):
+        return True
+    if lv in ("false", "0", "no", "n", "f", ""):
+        return False
+    raise ConfigError(f"{name}: expected a boolean, got {v!r}")
+
+
+def _int(v: str, name: str, lo: int, hi: int) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {v!r}") from None
+    if not lo <= i <= hi:
+        raise ConfigError(f"{name}: {i} is outside {lo}..{hi}")
+    return i
+
+
+def _seconds(v: str, name: str) -> float:
+    s = v.strip().lower()
+    mult = 1.0
+    for suffix, m in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if s.endswith(suffix):
+            s, mult = s[: -len(suffix)], m
+            break
+    try:
+        return float(s) * mult
+    except ValueError:
+        raise ConfigError(f"{name}: expected a duration, got {v!r}") from None
+
+
+@dataclass
+class Config:
+    nodename: str
+    datastore_type: str = "kubernetes"  # kubernetes | etcdv3
+    kubeconfig: str = ""
+    etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    # Default pool (calico-node startup), created only if no IPv4 pool exists.
+    ipv4pool_cidr: str = "192.168.0.0/16"
+    ipv4pool_block_size: int = 26
+    ipv4pool_ipip: str = "Never"
+    ipv4pool_vxlan: str = "Never"
+    ipv4pool_nat_outgoing: bool = True
+    ipv4pool_node_selector: str = "all()"
+    no_default_pools: bool = False
+    # Felix parameters.
+    health_enabled: bool = True
+    health_host: str = "localhost"
+    health_port: int = 9099
+    prometheus_enabled: bool = False
+    prometheus_host: str = ""
+    prometheus_port: int = 9091
+    route_refresh_interval: float = 90.0
+    interface_prefix: str = names.IFACE_PREFIX
+    veth_mtu: int = 0  # 0 = auto-detect from host interfaces
+    log_severity: str = "INFO"
+    # felixpy specific.
+    cni_socket: str = names.DEFAULT_CNI_SOCKET
+    state_dir: str = "/var/lib/calico"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def interface_prefixes(self) -> tuple[str, ...]:
+        return tuple(p for p in self.interface_prefix.split(",") if p)
+
+
+def load(env: Mapping[str, str] | None = None) -> Config:
+    e = dict(os.environ if env is None else env)
+    fx = _felix_env(e)
+    nodename = e.get("NODENAME") or fx.get("felixhostname") or e.get("HOSTNAME") or socket.gethostname()
+    dtype = (e.get("DATASTORE_TYPE") or fx.get("datastoretype") or "kubernetes").lower()
+    if dtype not in ("kubernetes", "etcdv3"):
+        raise ConfigError(f"DATASTORE_TYPE: expected kubernetes or etcdv3, got {dtype!r}")
+    c = Config(nodename=nodename.strip().lower(), datastore_type=dtype)
+    c.kubeconfig = e.get("KUBECONFIG", "")
+    if e.get("ETCD_ENDPOINTS"):
+        c.etcd_endpoints = tuple(x.strip() for x in e["ETCD_ENDPOINTS"].split(",") if x.strip())
+    if "CALICO_IPV4POOL_CIDR" in e:
+        c.ipv4pool_cidr = e["CALICO_IPV4POOL_CIDR"]
+    if "CALICO_IPV4POOL_BLOCK_SIZE" in e:
+        c.ipv4pool_block_size = _int(e["CALICO_IPV4POOL_BLOCK_SIZE"], "CALICO_IPV4POOL_BLOCK_SIZE", 20, 32)
+    for var, attr in (("CALICO_IPV4POOL_IPIP", "ipv4pool_ipip"), ("CALICO_IPV4POOL_VXLAN", "ipv4pool_vxlan")):
+        if var in e:
+            mode = {"always": "Always", "crosssubnet": "CrossSubnet", "never": "Never", "off": "Never",
+                    "": "Never"}.get(e[var].strip().lower())
+            if mode is None:
+                raise ConfigError(f"{var}: expected Always, CrossSubnet or Never, got {e[var]!r}")
+            setattr(c, attr, mode)
+    if "CALICO_IPV4POOL_NAT_OUTGOING" in e:
+        c.ipv4pool_nat_outgoing = _bool(e["CALICO_IPV4POOL_NAT_OUTGOING"], "CALICO_IPV4POOL_NAT_OUTGOING")
+    if "CALICO_IPV4POOL_NODE_SELECTOR" in e:
+        c.ipv4pool_node_selector = e["CALICO_IPV4POOL_NODE_SELECTOR"]
+    if "NO_DEFAULT_POOLS" in e:
+        c.no_default_pools = _bool(e["NO_DEFAULT_POOLS"], "NO_DEFAULT_POOLS")
+    if "healthenabled" in fx:
+        c.health_enabled = _bool(fx["healthenabled"], "FELIX_HEALTHENABLED")
+    c.health_host = fx.get("healthhost", c.health_host)
+    if "healthport" in fx:
+        c.health_port = _int(fx["healthport"], "FELIX_HEALTHPORT", 0, 65535)
+    if "prometheusmetricsenabled" in fx:
+        c.prometheus_enabled = _bool(fx["prometheusmetricsenabled"], "FELIX_PROMETHEUSMETRICSENABLED")
+    c.prometheus_host = fx.get("prometheusmetricshost", c.prometheus_host)
+    if "prometheusmetricsport" in fx:
+        c.prometheus_port = _int(fx["prometheusmetricsport"], "FELIX_PROMETHEUSMETRICSPORT", 0, 65535)
+    if "routerefreshinterval" in fx:
+        c.route_refresh_interval = _seconds(fx["routerefreshinterval"], "FELIX_ROUTEREFRESHINTERVAL")
+    if "interfaceprefix" in fx:
+        c.interface_prefix = fx["interfaceprefix"]
+    for var in ("FELIXPY_VETH_MTU", "FELIX_VXLANMTU", "FELIX_IPINIPMTU"):
+        # The manifests feed configmap veth_mtu into these; the first non-zero one wins.
+        if e.get(var, "0") not in ("", "0"):
+            c.veth_mtu = _int(e[var], var, 68, 65535)
+            break
+    c.log_severity = fx.get("logseverityscreen", c.log_severity).upper()
+    c.cni_socket = e.get("FELIXPY_CNI_SOCKET", c.cni_socket)
+    c.state_dir = e.get("FELIXPY_STATE_DIR", c.state_dir)
+    return c

@@ -1,0 +1,136 @@
+"""The dataplane loop: managers take messages cheaply, drivers apply the difference in one worker thread.
+
+- ``submit(msgs)`` is called from the event loop right after the calculation layer flushes; it only
+  calls the managers' ``on_update`` (which mark state dirty: no kernel access there).
+- ``run()`` applies whenever something is dirty, the refresh timer fires or a kernel event says our state
+  may have drifted: managers' ``complete_deferred_work`` then each driver's ``apply`` in a fixed order,
+  all in a single worker thread (netlink sockets are blocking and must not be shared across threads).
+- ``barrier()`` resolves after an apply that *started* after the call: the CNI path uses it to return
+  only once its endpoint is in the kernel.
+- Nothing is removed from the kernel before the datastore is in sync (``InSync``): until then drivers
+  only add, so a restart never flushes a working dataplane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from felixpy import metrics
+from felixpy.calc.messages import InSync, Message
+
+log = logging.getLogger(__name__)
+
+
+class Manager(Protocol):
+    def on_update(self, msg: Message) -> None: ...
+
+    def complete_deferred_work(self) -> None: ...
+
+
+class Driver(Protocol):
+    def apply(self) -> object: ...
+
+    def queue_resync(self) -> None: ...
+
+
+class Dataplane:
+    def __init__(self, managers: Sequence[Manager], drivers: Sequence[Driver], *,
+                 refresh_interval: float = 90.0) -> None:
+        self._managers = list(managers)
+        self._drivers = list(drivers)
+        self._refresh_interval = refresh_interval
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dataplane")
+        self._wake = asyncio.Event()
+        self._dirty = True
+        self._generation = 0  # number of applies started
+        self._completed = 0  # number of applies finished
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.in_sync = False
+        self.applies_ok = 0
+        self.last_error = ""
+
+    @property
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        return self._executor
+
+    def submit(self, msgs: Sequence[Message]) -> None:
+        for m in msgs:
+            metrics.dataplane_messages.labels(type(m).__name__).inc()
+            if isinstance(m, InSync):
+                self.in_sync = True
+                for d in self._drivers:
+                    d.queue_resync()
+            for mgr in self._managers:
+                mgr.on_update(m)
+        if msgs:
+            self._dirty = True
+            self._wake.set()
+
+    def queue_resync(self) -> None:
+        """Kernel state may have drifted (refresh timer, netlink event): re-read it on the next apply."""
+        for d in self._drivers:
+            d.queue_resync()
+        self._dirty = True
+        self._wake.set()
+
+    async def barrier(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Resolved once apply number (generation + 1) has completed: it starts after this call.
+        self._waiters.append((self._generation + 1, fut))
+        self._dirty = True
+        self._wake.set()
+        await fut
+
+    def _apply_sync(self) -> None:
+        for mgr in self._managers:
+            mgr.complete_deferred_work()
+        for d in self._drivers:
+            d.apply()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_refresh = time.monotonic() + self._refresh_interval
+        while True:
+            timeout = max(0.0, next_refresh - time.monotonic())
+            if not self._dirty:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            if time.monotonic() >= next_refresh:
+                for d in self._drivers:
+                    d.queue_resync()
+                next_refresh = time.monotonic() + self._refresh_interval
+            self._dirty = False
+            self._generation += 1
+            gen = self._generation
+            t0 = time.perf_counter()
+            try:
+                await loop.run_in_executor(self._executor, self._apply_sync)
+                self.applies_ok += 1
+                self.last_error = ""
+            except Exception as e:  # a failed apply is retried; it must never kill the loop
+                metrics.dataplane_failures.inc()
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("dataplane apply failed; retrying")
+                self._dirty = True
+                await asyncio.sleep(0.1)
+            metrics.apply_time.observe(time.perf_counter() - t0)
+            self._completed = gen
+            still: list[tuple[int, asyncio.Future[None]]] = []
+            for want, fut in self._waiters:
+                if want <= gen:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    still.append((want, fut))
+            self._waiters = still
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

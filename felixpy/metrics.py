@@ -1,0 +1,43 @@
+"""Prometheus metrics (the only importer of prometheus_client). Felix's names where Felix has them."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+apply_time = Summary("felix_int_dataplane_apply_time_seconds",
+                     "Time in seconds for each dataplane apply.", registry=REGISTRY)
+dataplane_failures = Counter("felix_int_dataplane_failures",
+                             "Number of dataplane apply failures.", registry=REGISTRY)
+dataplane_messages = Counter("felix_int_dataplane_messages",
+                             "Dataplane messages by type.", ["type"], registry=REGISTRY)
+active_local_endpoints = Gauge("felix_active_local_endpoints",
+                               "Number of active endpoints on this host.", registry=REGISTRY)
+route_table_routes = Gauge("felix_route_table_num_routes",
+                           "Number of routes the agent owns in the main route table.", registry=REGISTRY)
+route_table_resync = Summary("felix_route_table_resync_seconds",
+                             "Time taken to dump and reconcile the route table.", registry=REGISTRY)
+resync_state = Gauge("felix_resync_state", "Datastore sync state: 1 wait, 2 resync, 3 in-sync.",
+                     registry=REGISTRY)
+calc_update_time = Summary("felix_calc_graph_update_time_seconds",
+                           "Time to process a batch of datastore updates.", registry=REGISTRY)
+calc_updates = Counter("felix_calc_graph_updates_processed",
+                       "Datastore updates processed by the calculation layer.", registry=REGISTRY)
+local_blocks = Gauge("felixpy_local_ipam_blocks", "IPAM blocks affine to this node.", registry=REGISTRY)
+cni_requests = Counter("felixpy_cni_requests", "CNI requests handled by the agent.",
+                       ["command", "result"], registry=REGISTRY)
+cni_latency = Histogram("felixpy_cni_request_seconds", "Agent-side CNI request latency.", ["command"],
+                        buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+                        registry=REGISTRY)
+invalid_resources = Counter("felixpy_invalid_resources", "Malformed datastore resources skipped.",
+                            registry=REGISTRY)
+kernel_capability = Gauge("felixpy_kernel_capability", "Kernel features detected (1 present, 0 absent).",
+                          ["feature"], registry=REGISTRY)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

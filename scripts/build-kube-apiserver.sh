@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Build kube-apiserver 1.20.2 offline from Debian's `kubernetes` source package.
+# The vendored modern-go/reflect2 v1.0.1 panics on CRD requests when built with Go >= 1.18, so it is
+# replaced by Debian's packaged v1.0.2 before building.
+set -euo pipefail
+out=$1
+src_list=/etc/apt/sources.list.d/felixpy-deb-src.sources
+if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
+  # Derive a deb-src stanza from the first existing deb822 stanza (same URIs/Suites/Signed-By).
+  awk 'BEGIN{RS="";FS="\n"} NR==1{for(i=1;i<=NF;i++){ if($i ~ /^Types:/) print "Types: deb-src"; else if($i ~ /^Suites:/) print "Suites: bookworm"; else if($i !~ /^#/) print $i } exit}' \
+    /etc/apt/sources.list.d/debian.sources > "$src_list"
+  apt-get update -qq
+fi
+work=$(mktemp -d /var/tmp/kas-build.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+apt-get source --download-only -qq kubernetes >/dev/null
+tar xf kubernetes_*.orig.tar.gz
+cd kubernetes-*/
+rm -rf vendor/github.com/modern-go/reflect2
+cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
+rm -f vendor/github.com/modern-go/reflect2/go.mod
+export GOPATH=$PWD/.go CGO_ENABLED=0 GOPROXY=off HOME=$work GOCACHE=$work/gocache
+mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
+make WHAT=cmd/kube-apiserver >/dev/null
+install -D -m 0755 _output/bin/kube-apiserver "$out"
+"$out" --version
