@@ -1,4 +1,4 @@
-#!/usr/bin/python3 -I -S
+#!/usr/bin/python3 -IS
 """felixpy's CNI executable (installed as ``calico`` and ``calico-ipam``).
 
 The container runtime executes this file for every pod ADD/DEL/CHECK. It must start fast, so it imports
@@ -15,10 +15,9 @@ The agent socket is taken from the config's ``"felixpy_socket"`` key (Calico ign
 ``$FELIXPY_CNI_SOCKET``, then the default below. ``install-cni`` rewrites the shebang to the host's python.
 """
 
+import _socket
 import os
 import sys
-
-import _socket
 
 DEFAULT_SOCKET = "/var/run/calico/felixpy-cni.sock"
 TIMEOUT_S = 240.0  # kubelet's own CNI timeout is longer; the agent answers well before this
@@ -52,11 +51,11 @@ def _json_str_field(raw: bytes, key: bytes) -> str:
 
 def _error(code: int, msg: str, version: str) -> bytes:
     esc = msg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-    return ('{"cniVersion":"%s","code":%d,"msg":"%s"}' % (version or "1.0.0", code, esc)).encode()
+    return f'{{"cniVersion":"{version or "1.0.0"}","code":{code},"msg":"{esc}"}}'.encode()
 
 
 def _recv_all(sock: "_socket.socket") -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         b = sock.recv(65536)
         if not b:
@@ -73,8 +72,8 @@ def main() -> int:
         sys.stdout.buffer.write(b'{"cniVersion":"1.0.0","supportedVersions":' + VERSIONS + b"}")
         return 0
     path = _json_str_field(stdin, b"felixpy_socket") or env.get("FELIXPY_CNI_SOCKET") or DEFAULT_SOCKET
-    envb = b"\0".join(("%s=%s" % (k, env.get(k, ""))).encode() for k in ENV_KEYS)
-    header = ("FXCNI1 %s %d %d\n" % (plugin.replace(" ", "_"), len(envb), len(stdin))).encode()
+    envb = b"\0".join(f"{k}={env.get(k, '')}".encode() for k in ENV_KEYS)
+    header = f"FXCNI1 {plugin.replace(' ', '_')} {len(envb)} {len(stdin)}\n".encode()
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(TIMEOUT_S)
     try:
@@ -86,8 +85,8 @@ def main() -> int:
         version = _json_str_field(stdin, b"cniVersion")
         detail = e.strerror or str(e)
         sys.stdout.buffer.write(_error(
-            11, "felixpy agent is not reachable at %s (%s): check that the felixpy node agent is "
-            "running on this node" % (path, detail), version))
+            11, f"felixpy agent is not reachable at {path} ({detail}): check that the felixpy node agent is "
+            "running on this node", version))
         return 1
     finally:
         sock.close()

@@ -64,7 +64,7 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
 def install_binaries(bin_dir: Path, python: str, names: tuple[str, ...] = ("calico", "calico-ipam")) -> list[Path]:
     src = Path(client.__file__).read_text()
     body = src.split("\n", 1)[1] if src.startswith("#!") else src
-    data = f"#!{python} -I -S\n{body}".encode()
+    data = f"#!{python} -IS\n{body}".encode()  # one argument: Linux passes shebang flags as one
     out = []
     for n in names:
         p = bin_dir / n

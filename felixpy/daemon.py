@@ -12,7 +12,7 @@ import signal
 import time
 from typing import Any
 
-from felixpy import cniserver, health, metrics, names
+from felixpy import cniserver, health, metrics
 from felixpy.calc.graph import CalcGraph
 from felixpy.config import Config
 from felixpy.dataplane import workload
@@ -23,7 +23,7 @@ from felixpy.dataplane.loop import Dataplane
 from felixpy.dataplane.shims import netlink
 from felixpy.datastore.api import KIND_IPAM_BLOCK, KIND_WEP, Backend, DatastoreError, Key, ListOptions, Resource
 from felixpy.datastore.factory import make_backend
-from felixpy.datastore.syncer import DedupeBuffer, SyncStatus, Syncer, WatchSpec
+from felixpy.datastore.syncer import DedupeBuffer, Syncer, SyncStatus, WatchSpec
 from felixpy.ipam import IPAMClient
 from felixpy.startup import run_startup
 
@@ -119,7 +119,7 @@ class Agent:
     async def _kernel_monitor(self) -> None:
         """React to route/link changes made behind our back (e.g. `ip route del`) within ~100 ms."""
         loop = asyncio.get_running_loop()
-        mon = netlink.Monitor()
+        mon = netlink.Monitor()  # its own socket: events must not mix with request acks
         event = asyncio.Event()
 
         def readable() -> None:

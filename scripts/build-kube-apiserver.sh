@@ -4,11 +4,15 @@
 # replaced by Debian's packaged v1.0.2 before building.
 set -euo pipefail
 out=$1
-src_list=/etc/apt/sources.list.d/felixpy-deb-src.sources
-if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
-  # Derive a deb-src stanza from the first existing deb822 stanza (same URIs/Suites/Signed-By).
-  awk 'BEGIN{RS="";FS="\n"} NR==1{for(i=1;i<=NF;i++){ if($i ~ /^Types:/) print "Types: deb-src"; else if($i ~ /^Suites:/) print "Suites: bookworm"; else if($i !~ /^#/) print $i } exit}' \
-    /etc/apt/sources.list.d/debian.sources > "$src_list"
+if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -rqs '^deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    # Derive a deb-src stanza from the first existing deb822 stanza (same URIs/Suites/Signed-By).
+    awk 'BEGIN{RS="";FS="\n"} NR==1{for(i=1;i<=NF;i++){ if($i ~ /^Types:/) print "Types: deb-src"; else if($i ~ /^Suites:/) print "Suites: bookworm"; else if($i !~ /^#/) print $i } exit}' \
+      /etc/apt/sources.list.d/debian.sources > /etc/apt/sources.list.d/felixpy-deb-src.sources
+  elif grep -qs '^deb ' /etc/apt/sources.list; then
+    # One-line format (cloud images): mirror the bookworm main line as deb-src.
+    grep -m1 -E '^deb .* bookworm( |$)' /etc/apt/sources.list | sed 's/^deb /deb-src /' > /etc/apt/sources.list.d/felixpy-deb-src.list
+  fi
   apt-get update -qq
 fi
 work=$(mktemp -d /var/tmp/kas-build.XXXXXX)

@@ -103,7 +103,8 @@ class CalcGraph:
                 if isinstance(old, WorkloadEndpointUpdate):
                     if new is None:
                         removes.append(WorkloadEndpointRemove(key))
-                elif isinstance(old, LocalBlockUpdate) and (new is None or new.cidr != old.cidr):
+                elif isinstance(old, LocalBlockUpdate) and (
+                        not isinstance(new, LocalBlockUpdate) or new.cidr != old.cidr):
                     removes.append(LocalBlockRemove(old.cidr))
             if new is None:
                 self._emitted.pop(key, None)

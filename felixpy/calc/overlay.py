@@ -48,7 +48,7 @@ class LocalOverlay:
             return False
         r = rev_int(revision)
         if e.value is not None:
-            caught_up = synced_value is None and r > e.revision or synced_value is not None and r >= e.revision
+            caught_up = (synced_value is None and r > e.revision) or (synced_value is not None and r >= e.revision)
         else:
             caught_up = synced_value is None or r > e.revision
         if caught_up or e.revision < 0:

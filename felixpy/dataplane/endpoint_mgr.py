@@ -42,11 +42,11 @@ class EndpointManager:
         pending, self._pending = self._pending, {}
         for key, msg in pending.items():
             old = self._active.get(key)
-            if old is not None and (msg is None or old.iface != msg.iface):
-                if self._iface_users.get(old.iface) == key:
-                    self._rt.set_iface_routes(old.iface, [])
-                    del self._iface_users[old.iface]
-                    self._configured.discard(old.iface)
+            if (old is not None and (msg is None or old.iface != msg.iface)
+                    and self._iface_users.get(old.iface) == key):
+                self._rt.set_iface_routes(old.iface, [])
+                del self._iface_users[old.iface]
+                self._configured.discard(old.iface)
             if msg is None:
                 self._active.pop(key, None)
                 self.errors.pop(key, None)

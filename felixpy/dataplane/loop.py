@@ -1,7 +1,8 @@
 """The dataplane loop: managers take messages cheaply, drivers apply the difference in one worker thread.
 
 - ``submit(msgs)`` is called from the event loop right after the calculation layer flushes; it only
-  calls the managers' ``on_update`` (which mark state dirty: no kernel access there).
+  queues them. Managers and drivers are touched by the worker thread alone (no locks in them): each
+  apply first hands the queued messages to the managers' ``on_update`` (which only mark state dirty).
 - ``run()`` applies whenever something is dirty, the refresh timer fires or a kernel event says our state
   may have drifted: managers' ``complete_deferred_work`` then each driver's ``apply`` in a fixed order,
   all in a single worker thread (netlink sockets are blocking and must not be shared across threads).
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -50,6 +53,8 @@ class Dataplane:
         self._generation = 0  # number of applies started
         self._completed = 0  # number of applies finished
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._inbox: list[Message] = []
+        self._inbox_lock = threading.Lock()
         self.in_sync = False
         self.applies_ok = 0
         self.last_error = ""
@@ -59,14 +64,10 @@ class Dataplane:
         return self._executor
 
     def submit(self, msgs: Sequence[Message]) -> None:
-        for m in msgs:
-            metrics.dataplane_messages.labels(type(m).__name__).inc()
-            if isinstance(m, InSync):
-                self.in_sync = True
-                for d in self._drivers:
-                    d.queue_resync()
-            for mgr in self._managers:
-                mgr.on_update(m)
+        if not msgs:
+            return
+        with self._inbox_lock:
+            self._inbox.extend(msgs)
         if msgs:
             self._dirty = True
             self._wake.set()
@@ -87,6 +88,20 @@ class Dataplane:
         await fut
 
     def _apply_sync(self) -> None:
+        with self._inbox_lock:
+            msgs, self._inbox = self._inbox, []
+        for m in msgs:
+            metrics.dataplane_messages.labels(type(m).__name__).inc()
+            if isinstance(m, InSync):
+                # The datastore view is complete: stale kernel objects may now be removed.
+                for d in self._drivers:
+                    allow = getattr(d, "allow_removals", None)
+                    if allow is not None:
+                        allow()
+                    d.queue_resync()
+                self.in_sync = True
+            for mgr in self._managers:
+                mgr.on_update(m)
         for mgr in self._managers:
             mgr.complete_deferred_work()
         for d in self._drivers:
@@ -98,10 +113,8 @@ class Dataplane:
         while True:
             timeout = max(0.0, next_refresh - time.monotonic())
             if not self._dirty:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
             self._wake.clear()
             if time.monotonic() >= next_refresh:
                 for d in self._drivers:
