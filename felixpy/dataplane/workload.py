@@ -36,6 +36,8 @@ _GATEWAY = ipaddress.IPv4Address(names.POD_GATEWAY)
 _GATEWAY_NET = ipaddress.IPv4Network(f"{names.POD_GATEWAY}/32")
 _DEFAULT_ROUTES = (ipaddress.IPv4Network("0.0.0.0/0"),)
 _ipv6_warned = False
+# Names that would make the per-interface sysctl paths hit global entries (conf/all, conf/default).
+_RESERVED_NAMES = frozenset({".", "..", "all", "default"})
 
 
 class WorkloadError(Exception):
@@ -67,7 +69,7 @@ class WorkloadResult:
 
 def _validate(spec: WorkloadSpec) -> list[ipaddress.IPv4Address]:
     for what, name in (("container", spec.container_ifname), ("host", spec.host_ifname)):
-        if not name or len(name.encode()) > 15 or "/" in name or " " in name or name in (".", ".."):
+        if not name or len(name.encode()) > 15 or "/" in name or " " in name or name in _RESERVED_NAMES:
             raise WorkloadError(f"invalid {what} interface name {name!r} (1-15 bytes, no '/' or spaces)")
     if spec.mtu and not 68 <= spec.mtu <= 65535:
         raise WorkloadError(f"invalid MTU {spec.mtu} (68-65535)")
@@ -102,6 +104,8 @@ def configure_host_iface(ifname: str, *, netns: str | None = None) -> None:
     Raises ``OSError`` (FileNotFoundError) if the interface does not exist.
     """
     global _ipv6_warned
+    if not ifname or "/" in ifname or ifname in _RESERVED_NAMES:
+        raise ValueError(f"invalid interface name {ifname!r}")
     with _netns.in_netns(netns):
         try:
             _netns.write_sysctl(f"net/ipv4/conf/{ifname}/route_localnet", 1)

@@ -305,6 +305,8 @@ def resource_to_cr(res: Mapping[str, Any], *, resource_version: str = "") -> dic
     annotations.update({k: v for k, v in own_annotations.items() if _is_ours(k)})
     labels = {k: v for k, v in _str_map(md.get("labels"), "labels").items() if _is_ours(k)}
 
+    if kind == KIND_IPAM_BLOCK:
+        spec.setdefault("strictAffinity", False)  # deprecated but required by the CRD; Calico writes false
     if kind == KIND_BLOCK_AFFINITY:
         labels.update(block_affinity_labels(spec))
         spec["deleted"] = "true" if _parse_bool(spec.get("deleted"), "spec.deleted") else "false"

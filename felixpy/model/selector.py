@@ -635,9 +635,7 @@ class _OrNode(_BoolNode):
                 if present and r.one_of is not None and o.one_of is not None:
                     one_of = r.one_of | o.one_of
                 if present or absent:
-                    result[key] = LabelRestriction(
-                        must_be_present=present, must_be_absent=absent, one_of=one_of
-                    )
+                    result[key] = LabelRestriction(must_be_present=present, must_be_absent=absent, one_of=one_of)
                 else:
                     del result[key]
         return result
@@ -741,15 +739,11 @@ class _Parser:
             node = self.parse_or()
             close = tokens[self.pos]
             if close[0] != _RPAREN:
-                raise self.fail(
-                    close, f"expected ')' to match '(' at position {tok[2]}, found {self.found(close)}"
-                )
+                raise self.fail(close, f"expected ')' to match '(' at position {tok[2]}, found {self.found(close)}")
             self.pos += 1
             self.depth -= 1
         else:
-            raise self.fail(
-                tok, f"expected a label, has(), all(), global(), '!' or '(', found {self.found(tok)}"
-            )
+            raise self.fail(tok, f"expected a label, has(), all(), global(), '!' or '(', found {self.found(tok)}")
         return _NotNode(node) if negated else node
 
     def parse_label_operation(self, label_tok: _Token) -> _Node:
@@ -784,9 +778,7 @@ class _Parser:
                     break
                 i += 1
             if tokens[i][0] != _RBRACE:
-                raise self.fail(
-                    tokens[i], f"expected a string, ',' or '}}' in set, found {self.found(tokens[i])}"
-                )
+                raise self.fail(tokens[i], f"expected a string, ',' or '}}' in set, found {self.found(tokens[i])}")
             self.pos = i + 1
             return _InNode(key, values) if op == _IN else _NotInNode(key, values)
         raise self.fail(

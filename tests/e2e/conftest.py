@@ -32,9 +32,9 @@ def datastore(request: pytest.FixtureRequest) -> Iterator[DatastoreEnv]:
             yield ds
 
 
-@pytest.fixture
-def pool() -> str:
-    # A fresh pool per test keeps tests independent; the agent creates it as the default pool.
+@pytest.fixture(scope="module")
+def pool(datastore: DatastoreEnv) -> str:
+    # The agent creates it as the default pool when the datastore has none, i.e. once per datastore.
     return f"10.{200 + uuid.uuid4().int % 50}.0.0/16"
 
 

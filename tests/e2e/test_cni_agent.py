@@ -135,7 +135,8 @@ def test_bad_input_gets_cni_error_and_leaves_nothing(agent: Agent, plugin: Path,
     else:
         body = conf  # type: ignore[assignment]
     before = cali_links()
-    rc, err = run_cni(plugin, command, body, cid=cid, netns=path, ns="bad", pod=cid[:20])
+    # The socket also comes from the environment: a body that is not JSON cannot name it.
+    rc, err = run_cni(plugin, command, body, cid=cid, netns=path, ns="bad", pod=cid[:20], socket=agent.socket)
     assert rc != 0
     assert err["code"] == code and err["msg"], err
     assert cali_links() == before
@@ -164,7 +165,7 @@ def test_50_parallel_adds_then_dels(agent: Agent, plugin: Path, netns: Netns, da
     assert len(set(ips)) == 50
     _, used = ipam_usage(datastore)
     in_pool = [ip for ip in used if ipaddress.ip_address(ip) in ipaddress.ip_network(pool)]
-    assert sorted(in_pool) == sorted(i.split("/")[0] for i in ips)
+    assert sorted(in_pool) == sorted(i.split("/")[0] for i in ips), (used[:5], ips[:3])
     assert len([r for r in routes_in(pool) if " dev cali" in r]) == 50
 
     def delete(w: tuple[str, str, str]) -> int:
@@ -188,6 +189,7 @@ def test_restart_leaves_routes_untouched_and_drift_is_repaired(agent: Agent, plu
     rc, res = run_cni(plugin, "ADD", calico_conf(agent), cid=cid, netns=f"/run/netns/{n}", ns=ns, pod="a")
     assert rc == 0, res
     ip = res["ips"][0]["address"].split("/")[0]
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(pool)
     route = sh("ip", "route", "show", f"{ip}/32").strip()
     assert route
     # Watch route deletions while the agent is killed and started again.

@@ -20,7 +20,7 @@ from tests.realparts.containerd import (
     Containerd,
     containerd_available,
     make_cni_bin_dir,
-    portmap_chains,
+    nat_snapshot,
     remove_idle_portmap_chains,
 )
 from tests.realparts.oci_image import BUSYBOX_IMAGE
@@ -41,7 +41,7 @@ def containerd(agent: Agent, plugin: Path, tmp_path: Path) -> Iterator[Container
     conflist = {"name": "k8s-pod-network", "cniVersion": "0.3.1",
                 "plugins": [entry, {"type": "portmap", "snat": True, "capabilities": {"portMappings": True}}]}
     (conf_dir / "10-calico.conflist").write_text(json.dumps(conflist))
-    before = portmap_chains()
+    before = nat_snapshot()
     with Containerd(cni_bin_dir=bin_dir, cni_conf_dir=conf_dir) as c:
         yield c
     remove_idle_portmap_chains(before)

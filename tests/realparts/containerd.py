@@ -15,6 +15,19 @@ The only global paths containerd 1.6 touches regardless of config are the shim s
 /run/containerd/s (one socket per running pod, named by a hash of our socket path) and libcni's
 result cache /var/lib/cni/results; both are left as they were found (empty dirs we created are
 removed).
+
+Typical use (our plugin installed under the names the conflist uses)::
+
+    bin_dir = make_cni_bin_dir(work / "bin", {"calico": plugin, "calico-ipam": plugin})
+    with Containerd(cni_bin_dir=bin_dir, cni_conf_dir=work / "net.d") as ctrd:
+        cri = ctrd.client()                      # thread-safe, shared
+        sandbox = cri.run_pod("web", "default", port_mappings=[(80, 30080, "tcp")])
+        ctr = cri.start_container(sandbox, "tools", BUSYBOX_IMAGE, ["sleep", "infinity"])
+        rc, out, err = cri.exec(ctr, ["ping", "-c", "1", "10.0.0.1"])
+    # stop(): every pod removed through CRI (CNI DEL runs), containerd stopped, dirs gone.
+
+ptp/portmap side effects on the host (ip_forward, portmap's global nat chains) are the caller's:
+see ``nat_snapshot`` / ``remove_idle_portmap_chains``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import itertools
 import random
 
 import pytest
@@ -116,7 +117,7 @@ def test_block_cidrs_visits_every_block_once_from_a_host_seeded_start() -> None:
     assert len(starts) > 1  # hosts spread over the pool
     # Wrap-around order: consecutive blocks after the start.
     idx = [int(n.network_address) - int(pool.network_address) for n in a]
-    assert all((j - i) % 256 == 16 for i, j in zip(idx, idx[1:], strict=False))
+    assert all((j - i) % 256 == 16 for i, j in itertools.pairwise(idx))
     assert list(block_cidrs(pool, 20, "x")) == []  # block larger than the pool
     assert block_cidr_for(ipaddress.IPv4Address("10.0.0.77"), 26) == ipaddress.IPv4Network("10.0.0.64/26")
 

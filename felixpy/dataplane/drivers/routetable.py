@@ -52,10 +52,9 @@ RouteKey = tuple[int, int, int, int, int, int]  # Route.key: (table, version, ds
 OwnerId = tuple[str, str]  # ("iface", ifname) or ("owner", name)
 
 _IFACE = "iface"
+_EMPTY: dict[RouteKey, Route] = {}
 _OWNER = "owner"
 _LINK_DUMP_THRESHOLD = 32  # refresh more interfaces than this with one dump instead of one lookup each
-_V6_LINK_LOCAL = ipaddress.IPv6Network("fe80::/10")
-_V6_MULTICAST = ipaddress.IPv6Network("ff00::/8")
 
 
 def _with_oif(r: Route, idx: int) -> Route:
@@ -95,9 +94,11 @@ class RouteTable:
         self.iface_route_protocol = iface_route_protocol
         self.removals_allowed = removals_allowed
 
-        # Desired state: key -> {owner: route}; iface routes are stored with oif=None.
-        self._claims: dict[RouteKey, dict[OwnerId, Route]] = {}
-        self._owner_keys: dict[OwnerId, frozenset[RouteKey]] = {}
+        # Desired state. Each owner's dict is replaced, never mutated, so status readers in other
+        # threads see a consistent one. Iface routes are stored with oif=None.
+        self._owner_routes: dict[OwnerId, dict[RouteKey, Route]] = {}
+        self._claims: dict[RouteKey, OwnerId] = {}  # key -> the owner whose route wins
+        self._contenders: dict[RouteKey, set[OwnerId]] = {}  # only keys wanted by several owners
         # What we believe the kernel holds (every route of our table/family, foreign ones included).
         self._actual: dict[RouteKey, Route] = {}
         self._dup_deletes: list[Route] = []  # owned routes shadowed by another with the same key
@@ -113,41 +114,44 @@ class RouteTable:
     # -- desired state (cheap: no kernel access) ----------------------------------------------------
     def set_iface_routes(self, ifname: str, routes: Iterable[Route | IPNetwork]) -> None:
         """Routes out of ``ifname``: Route objects (their ``oif``/``table`` are filled in) or bare
-        networks, which become ``<net> dev <ifname> scope link proto <iface_route_protocol>``."""
-        if not ifname or len(ifname) > 15:
+        networks, which become ``<net> dev <ifname> scope link proto <iface_route_protocol>``.
+        An empty list removes the interface's routes. Raises ValueError (changing nothing) on bad input.
+        """
+        if not ifname or len(ifname.encode()) > 15 or "/" in ifname:
             raise ValueError(f"invalid interface name {ifname!r}")
         desired: dict[RouteKey, Route] = {}
         ours_by_name = ifname.startswith(self.iface_prefixes)
-        bare = False
         table, version, proto = self.table, self._version, self.iface_route_protocol
         for item in routes:
             if isinstance(item, Route):
                 r = item._replace(table=table, oif=None)
                 self._validate(r)
+                if r.protocol not in self.owned_protocols and not ours_by_name:
+                    raise ValueError(f"route {r.describe()} dev {ifname} would not be recognised as ours "
+                                     f"after a restart (protocol not in {sorted(self.owned_protocols)}, "
+                                     f"interface does not start with {self.iface_prefixes})")
+                desired[r.key] = r
             elif isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network) and item.version == version:
                 # The common case (a workload's /32s), kept cheap: 10k of these at a resync.
-                r = Route(item, table, proto, RT_SCOPE_LINK)
-                desired[(table, version, int(item.network_address), item.prefixlen, 0, 0)] = r
-                bare = True
-                continue
+                if not ours_by_name and proto not in self.owned_protocols:
+                    raise ValueError(f"routes via {ifname} would not be recognised as ours after a restart: "
+                                     f"protocol {proto} is not owned and the name does not start with "
+                                     f"{self.iface_prefixes}")
+                desired[(table, version, int(item.network_address), item.prefixlen, 0, 0)] = tuple.__new__(
+                    Route, (item, table, proto, RT_SCOPE_LINK, "unicast", None, None, False, 0, 0))
             else:
                 raise ValueError(f"route for {ifname}: expected a Route or an IPv{version} network, "
                                  f"got {item!r}")
-            if r.protocol not in self.owned_protocols and not ours_by_name:
-                raise ValueError(f"route {r.describe()} dev {ifname} would not be recognised as ours after a "
-                                 f"restart (protocol not in {sorted(self.owned_protocols)}, interface does "
-                                 f"not start with {self.iface_prefixes})")
-            desired[r.key] = r
-        if bare and not ours_by_name and proto not in self.owned_protocols:
-            raise ValueError(f"routes via {ifname} would not be recognised as ours after a restart: protocol "
-                             f"{proto} is not owned and the name does not start with {self.iface_prefixes}")
         self._set_owner((_IFACE, ifname), desired)
         self._dirty_ifaces.add(ifname)
 
     def set_routes(self, owner: str, routes: Iterable[Route]) -> None:
-        """Routes of ``owner`` that need no interface lookup (blackholes, routes with explicit oif)."""
+        """Routes of ``owner`` that need no interface lookup (blackholes, routes with explicit oif).
+        Replaces the owner's previous set. Raises ValueError (changing nothing) on bad input."""
         desired: dict[RouteKey, Route] = {}
         for item in routes:
+            if not isinstance(item, Route):
+                raise ValueError(f"routes of {owner!r} must be Route objects, got {item!r}")
             r = item._replace(table=self.table)
             self._validate(r)
             if r.protocol not in self.owned_protocols:
@@ -167,23 +171,47 @@ class RouteTable:
             raise ValueError(f"route {r.dst}: gateway {r.gateway} is of the wrong family")
 
     def _set_owner(self, oid: OwnerId, desired: dict[RouteKey, Route]) -> None:
-        old = self._owner_keys.get(oid, frozenset())
-        for key in old - desired.keys():
-            claims = self._claims.get(key)
-            if claims is not None:
-                claims.pop(oid, None)
-                if not claims:
-                    del self._claims[key]
-            self._dirty.add(key)
-        for key, r in desired.items():
-            claims = self._claims.setdefault(key, {})
-            if claims.get(oid) != r:
-                claims[oid] = r
-                self._dirty.add(key)
+        old = self._owner_routes.get(oid)
+        claims = self._claims
+        dirty = self._dirty
         if desired:
-            self._owner_keys[oid] = frozenset(desired)
+            self._owner_routes[oid] = desired
         else:
-            self._owner_keys.pop(oid, None)
+            self._owner_routes.pop(oid, None)
+        if old:
+            for key in old.keys() - desired.keys():
+                self._release(key, oid)
+        old_get = (old if old is not None else _EMPTY).get
+        for key, r in desired.items():
+            cur = claims.get(key)
+            if cur is None:
+                claims[key] = oid
+                dirty.add(key)
+            elif cur == oid:
+                if old_get(key) != r:
+                    dirty.add(key)
+            else:
+                contenders = self._contenders.setdefault(key, {cur})
+                if oid not in contenders:
+                    contenders.add(oid)
+                    winner = min(contenders, key=_precedence)
+                    if winner != cur:
+                        log.warning("route %s: %s/%s takes precedence over %s/%s", r.dst, *winner, *cur)
+                    claims[key] = winner
+                dirty.add(key)
+
+    def _release(self, key: RouteKey, oid: OwnerId) -> None:
+        self._dirty.add(key)
+        contenders = self._contenders.get(key)
+        if contenders is not None:
+            contenders.discard(oid)
+            if len(contenders) <= 1:
+                del self._contenders[key]
+            if contenders:
+                self._claims[key] = min(contenders, key=_precedence)
+                return
+        if self._claims.get(key) == oid:
+            del self._claims[key]
 
     def queue_resync(self) -> None:
         """The next apply re-reads links and routes from the kernel instead of trusting the cache."""
@@ -195,23 +223,24 @@ class RouteTable:
             self._resync = True  # sweep everything stale on the next apply
         self.removals_allowed = allowed
 
-    # -- status (safe to call from another thread: single dict lookups only) -----------------------
+    # -- status (safe to call from another thread: lookups in dicts that are replaced, not mutated) --
     def num_owned_routes(self) -> int:
         return self._n_owned
 
     def iface_problem(self, ifname: str) -> str:
         """"" if every desired route of ``ifname`` is in the kernel (as far as we know), else why not."""
-        keys = self._owner_keys.get((_IFACE, ifname), frozenset())
-        if keys and ifname in self._pending_ifaces:
+        routes = self._owner_routes.get((_IFACE, ifname))
+        if not routes:
+            return ""
+        if ifname in self._pending_ifaces:
             return f"interface {ifname} does not exist (its routes are pending)"
         problems = []
-        for key in keys:
+        for key, r in list(routes.items()):
             err = self._errors.get(key)
             if err:
                 problems.append(err)
             elif self._actual.get(key) is None or key in self._dirty:
-                claim = (self._claims.get(key) or {}).get((_IFACE, ifname))
-                problems.append(f"route {claim.dst if claim else key} dev {ifname} not programmed yet")
+                problems.append(f"route {r.dst} dev {ifname} not programmed yet")
         return "; ".join(sorted(problems))
 
     @property
@@ -220,10 +249,10 @@ class RouteTable:
 
     # -- reconciliation -----------------------------------------------------------------------------
     def _owns(self, r: Route) -> bool:
-        if self._version == 6 and (r.dst.subnet_of(_V6_LINK_LOCAL) or r.dst.subnet_of(_V6_MULTICAST)):  # type: ignore[arg-type]
-            return False  # the kernel's own per-interface v6 routes
         if r.protocol in self.owned_protocols:
             return True
+        if self._version == 6 and (r.dst.network_address.is_link_local or r.dst.network_address.is_multicast):
+            return False  # the kernel's own per-interface v6 routes
         if r.oif is not None and self.iface_prefixes:
             name = self._ifname.get(r.oif)
             return name is not None and name.startswith(self.iface_prefixes)
@@ -231,20 +260,16 @@ class RouteTable:
 
     def _resolve(self, key: RouteKey) -> tuple[Route | None, str | None]:
         """(route the kernel should hold for key, name of the missing interface if it is pending)."""
-        claims = self._claims.get(key)
-        if not claims:
+        oid = self._claims.get(key)
+        if oid is None:
             return None, None
-        if len(claims) == 1:
-            (oid, r), = claims.items()
-        else:
-            # Two owners want the same key: interface routes win, then the lowest owner name.
-            oid = min(claims, key=lambda o: (o[0] != _IFACE, o[1]))
-            r = claims[oid]
+        r = self._owner_routes[oid][key]
         if oid[0] == _IFACE:
             idx = self._ifindex.get(oid[1])
             if idx is None:
                 return None, oid[1]
-            return _with_oif(r, idx), None
+            if r.oif != idx:
+                r = _with_oif(r, idx)
         return r, None
 
     def _set_iface_index(self, name: str, idx: int | None) -> None:
@@ -255,16 +280,16 @@ class RouteTable:
             del self._ifindex[name]
             if self._ifname.get(old) == name:
                 del self._ifname[old]
-            # The kernel dropped the routes of the old link with it. (Only our keys are checked: a
-            # stray cached route elsewhere merely costs a harmless ESRCH or waits for a resync.)
-            for key in self._owner_keys.get((_IFACE, name), frozenset()):
+            # The kernel dropped the routes of the old link with it. (Only this interface's keys are
+            # checked: a stray cached route elsewhere costs at most a harmless ESRCH until the resync.)
+            for key in self._owner_routes.get((_IFACE, name), {}):
                 cached = self._actual.get(key)
                 if cached is not None and cached.oif == old:
                     self._drop_actual(key)
         if idx is not None:
             self._ifindex[name] = idx
             self._ifname[idx] = name
-        self._dirty |= self._owner_keys.get((_IFACE, name), frozenset())
+        self._dirty.update(self._owner_routes.get((_IFACE, name), {}))
 
     def _refresh_ifaces(self, ifnames: set[str]) -> None:
         if not ifnames:
@@ -283,34 +308,30 @@ class RouteTable:
         if r is not None and self._owns(r):
             self._n_owned -= 1
 
-    def _put_actual(self, key: RouteKey, r: Route) -> None:
-        self._drop_actual(key)
-        self._actual[key] = r
-        if self._owns(r):
-            self._n_owned += 1
-
     def _read_kernel(self) -> None:
         links = self._nl.links()
         self._ifindex = {ln.name: ln.index for ln in links}
         self._ifname = {ln.index: ln.name for ln in links}
         actual: dict[RouteKey, Route] = {}
+        owned: list[RouteKey] = []
         dups: list[Route] = []
-        n_owned = 0
         owns = self._owns
         for r in self._nl.routes(self.table, self.family):
-            key = r.key
+            d = r.dst
+            key = (r.table, d.version, int(d.network_address), d.prefixlen, r.tos, r.metric)
             mine = owns(r)
             if key in actual:
                 if mine:
                     dups.append(r)
                 continue
             actual[key] = r
-            n_owned += mine
+            if mine:
+                owned.append(key)
         self._actual = actual
         self._dup_deletes = dups
-        self._n_owned = n_owned
+        self._n_owned = len(owned)
         self._dirty = set(self._claims)
-        self._dirty.update(k for k, r in actual.items() if owns(r))
+        self._dirty.update(owned)
         self._dirty_ifaces.clear()
         self._resync = False
 
@@ -337,37 +358,35 @@ class RouteTable:
         stats.dump_s = time.perf_counter() - t0
 
         adds: list[Route] = []
+        add_keys: list[RouteKey] = []
         dels: list[Route] = []
         pending: set[str] = set()
         dirty, self._dirty = self._dirty, set()
         removals = self.removals_allowed
         actual_get = self._actual.get
         claims_get = self._claims.get
+        owner_routes = self._owner_routes
         ifindex_get = self._ifindex.get
         errors_pop = self._errors.pop
         for key in dirty:
             have = actual_get(key)
-            claims = claims_get(key)
-            want: Route | None
-            if claims is not None and len(claims) == 1:
-                # Inlined _resolve for the common single-owner case (the hot loop of a resync).
-                for (kind, name), want in claims.items():
-                    if kind == _IFACE:
-                        idx = ifindex_get(name)
-                        if idx is None:
-                            pending.add(name)
-                            stats.pending += 1
-                            want = None
-                        elif want.oif != idx:
-                            want = _with_oif(want, idx)
-            else:
-                want, missing_iface = self._resolve(key)
-                if missing_iface is not None:
-                    pending.add(missing_iface)
-                    stats.pending += 1
+            want: Route | None = None
+            oid = claims_get(key)
+            if oid is not None:
+                # Inlined _resolve: this loop runs over every route at a resync.
+                want = owner_routes[oid][key]
+                if oid[0] == _IFACE:
+                    idx = ifindex_get(oid[1])
+                    if idx is None:
+                        pending.add(oid[1])
+                        stats.pending += 1
+                        want = None
+                    elif want.oif != idx:
+                        want = _with_oif(want, idx)
             if want is not None:
                 if have != want:
                     adds.append(want)
+                    add_keys.append(key)
                 else:
                     errors_pop(key, None)
             elif have is not None and removals and self._owns(have):
@@ -399,16 +418,23 @@ class RouteTable:
                     self._dirty_ifaces.add(name)  # the link went away: look it up again
         for r in dels:
             if id(r) not in failed:
-                key = r.key
-                if self._actual.get(key) == r:
+                d = r.dst
+                key = (r.table, d.version, int(d.network_address), d.prefixlen, r.tos, r.metric)
+                if actual_get(key) == r:
                     self._drop_actual(key)
-                self._errors.pop(key, None)
+                errors_pop(key, None)
                 stats.dels += 1
-        for r in adds:
+        actual = self._actual
+        owned_protocols = self.owned_protocols
+        for key, r in zip(add_keys, adds, strict=True):
             if id(r) not in failed:
-                key = r.key
-                self._put_actual(key, r)
-                self._errors.pop(key, None)
+                old = actual_get(key)
+                if old is not None and self._owns(old):
+                    self._n_owned -= 1
+                actual[key] = r
+                if r.protocol in owned_protocols or self._owns(r):
+                    self._n_owned += 1
+                errors_pop(key, None)
                 stats.adds += 1
         stats.errors = len(errors)
         if errors:
@@ -416,3 +442,8 @@ class RouteTable:
                         len(errors), len(adds) + len(dels), errors[0])
             if any(e.errno == errno.ENOBUFS for e in errors):
                 self._resync = True  # replies were lost: re-read the kernel
+
+
+def _precedence(oid: OwnerId) -> tuple[bool, str]:
+    # When two owners want the same key: interface routes first, then the lowest owner name.
+    return (oid[0] != _IFACE, oid[1])

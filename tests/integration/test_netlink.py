@@ -1,0 +1,318 @@
+"""The stdlib rtnetlink shim and the netns helpers against the real kernel, in throwaway namespaces.
+
+iproute2 is the independent witness: what we write must show up in ``ip`` output and vice versa.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import secrets
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from felixpy.dataplane.shims import netns
+from felixpy.dataplane.shims.netlink import (
+    RT_SCOPE_LINK,
+    RTNLGRP_IPV4_ROUTE,
+    RTNLGRP_LINK,
+    LinkEvent,
+    Monitor,
+    Netlink,
+    NetlinkError,
+    Route,
+    RouteEvent,
+)
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+
+RUN = f"fxnl{os.getpid() % 100000}{secrets.token_hex(2)}"
+N = ipaddress.IPv4Network
+A = ipaddress.IPv4Address
+
+
+def ip(ns: str, *args: str) -> str:
+    return subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def make_ns() -> Iterator[Callable[[], str]]:
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"{RUN}-{len(made)}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def ns(make_ns: Callable[[], str]) -> str:
+    return make_ns()
+
+
+@pytest.fixture
+def nl(ns: str) -> Iterator[Netlink]:
+    with Netlink(f"/run/netns/{ns}") as sock:
+        yield sock
+
+
+def veth(ns: str, name: str, peer: str) -> int:
+    ip(ns, "link", "add", name, "type", "veth", "peer", "name", peer)
+    ip(ns, "link", "set", name, "up")
+    ip(ns, "link", "set", peer, "up")
+    return _index(ns, name)
+
+
+def _index(ns: str, name: str) -> int:
+    return int(ip(ns, "-o", "link", "show", name).split(":", 1)[0])
+
+
+# -- netns helpers --------------------------------------------------------------------------------
+def test_netns_exists_and_errors(ns: str) -> None:
+    assert netns.netns_exists(f"/run/netns/{ns}")
+    assert not netns.netns_exists(f"/run/netns/{ns}-nope")
+    assert not netns.netns_exists("")
+    with pytest.raises(netns.NetnsError, match="does not exist"):
+        netns.open_netns(f"/run/netns/{ns}-nope")
+    with pytest.raises(netns.NetnsError, match="is not a network namespace"):
+        netns.open_netns("/proc/self/ns/uts")
+    with pytest.raises(netns.NetnsError, match="does not exist"):
+        Netlink(f"/run/netns/{ns}-nope")
+
+
+def test_in_netns_switches_only_this_thread_and_returns(ns: str) -> None:
+    own = os.stat("/proc/thread-self/ns/net").st_ino
+    target = os.stat(f"/run/netns/{ns}").st_ino
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        with netns.in_netns(f"/run/netns/{ns}"):
+            seen["inside"] = os.stat("/proc/thread-self/ns/net").st_ino
+            seen["main_thread"] = os.stat(f"/proc/{os.getpid()}/task/{os.getpid()}/ns/net").st_ino
+        seen["after"] = os.stat("/proc/thread-self/ns/net").st_ino
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"inside": target, "main_thread": own, "after": own}
+    assert netns.same_netns("/proc/self/ns/net")
+    assert not netns.same_netns(f"/run/netns/{ns}")
+
+
+def test_sysctl_follows_the_thread_netns(ns: str) -> None:
+    ip(ns, "link", "add", "sysa", "type", "veth", "peer", "name", "sysb")
+    with netns.in_netns(f"/run/netns/{ns}"):
+        netns.write_sysctl("net/ipv4/conf/sysa/proxy_arp", 1)
+        netns.write_sysctl("net/ipv4/conf/lo/accept_local", 1)
+        assert netns.read_sysctl("net/ipv4/conf/sysa/proxy_arp") == "1"
+    # The other netns (ours) is untouched, the target has the values.
+    assert not os.path.exists("/proc/sys/net/ipv4/conf/sysa")
+    out = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.conf.sysa.proxy_arp",
+                          "net.ipv4.conf.lo.accept_local"], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["1", "1"]
+    with pytest.raises(ValueError):
+        netns.write_sysctl("/proc/sys/net/ipv4/ip_forward", 1)
+    with pytest.raises(ValueError):
+        netns.write_sysctl("net/../../etc/passwd", 1)
+
+
+# -- links ----------------------------------------------------------------------------------------
+def test_links_of_a_fresh_netns(nl: Netlink) -> None:
+    links = nl.links()
+    assert [ln.name for ln in links] == ["lo"]
+    lo = nl.link("lo")
+    assert lo is not None and lo.index == 1 and lo.kind is None and lo.mtu == 65536
+    assert nl.link(1) == lo
+    assert nl.link("nosuchlink") is None
+    assert nl.link(4242) is None
+    with pytest.raises(ValueError):
+        nl.link("x" * 16)
+
+
+def test_veth_with_peer_in_another_netns(make_ns: Callable[[], str]) -> None:
+    a, b = make_ns(), make_ns()
+    fd = netns.open_netns(f"/run/netns/{b}")
+    try:
+        with Netlink(f"/run/netns/{a}") as nla, Netlink(fd) as nlb:
+            nla.add_veth("calitest1", "eth0", peer_netns_fd=fd, mtu=1400, mac="ee:ee:ee:ee:ee:ee",
+                         peer_mac="02:11:22:33:44:55", up=True)
+            host = nla.link("calitest1")
+            pod = nlb.link("eth0")
+            assert host is not None and pod is not None
+            assert (host.kind, host.mac, host.mtu, host.up) == ("veth", "ee:ee:ee:ee:ee:ee", 1400, True)
+            assert (pod.kind, pod.mac, pod.mtu, pod.up) == ("veth", "02:11:22:33:44:55", 1400, False)
+            assert host.link == pod.index and host.link_netnsid is not None
+            assert not host.oper_up  # the peer is still down
+            nlb.set_link(pod.index, up=True)
+            host = nla.link("calitest1")
+            assert host is not None and host.oper_up
+            assert "ee:ee:ee:ee:ee:ee" in ip(a, "link", "show", "calitest1")
+            assert "02:11:22:33:44:55" in ip(b, "link", "show", "eth0")
+
+            with pytest.raises(NetlinkError) as ei:
+                nla.add_veth("calitest1", "eth9")
+            assert ei.value.errno == errno.EEXIST
+            assert "add veth calitest1 peer eth9" in str(ei.value)
+
+            nlb.set_link(pod.index, mtu=1300, mac="02:00:00:00:00:09", name="eth1")
+            renamed = nlb.link("eth1")
+            assert renamed is not None and (renamed.mtu, renamed.mac) == (1300, "02:00:00:00:00:09")
+
+            assert nla.del_link("calitest1") is True
+            assert nla.del_link("calitest1") is False
+            assert nla.del_link(9999) is False
+            assert nlb.link("eth1") is None  # the peer went with it
+    finally:
+        os.close(fd)
+
+
+def test_bad_input_is_refused_before_the_kernel(nl: Netlink) -> None:
+    with pytest.raises(ValueError, match="invalid MAC"):
+        nl.add_veth("calibad", "peerbad", mac="zz:zz")
+    with pytest.raises(ValueError, match="invalid interface name"):
+        nl.add_veth("a/b", "peer")
+    assert nl.link("calibad") is None
+
+
+# -- addresses ------------------------------------------------------------------------------------
+def test_addresses(ns: str, nl: Netlink) -> None:
+    idx = veth(ns, "addra", "addrb")
+    nl.add_addr(idx, ipaddress.IPv4Interface("10.65.0.2/32"))
+    nl.add_addr(idx, ipaddress.IPv4Interface("10.65.0.2/32"))  # replace: idempotent
+    got = {a.address for a in nl.addrs(idx)}
+    assert ipaddress.IPv4Interface("10.65.0.2/32") in got
+    assert "inet 10.65.0.2/32" in ip(ns, "addr", "show", "addra")
+    assert all(a.index == idx for a in nl.addrs(idx))
+    assert nl.del_addr(idx, ipaddress.IPv4Interface("10.65.0.2/32")) is True
+    assert nl.del_addr(idx, ipaddress.IPv4Interface("10.65.0.2/32")) is False
+    assert "10.65.0.2" not in ip(ns, "addr", "show", "addra")
+
+
+# -- routes ---------------------------------------------------------------------------------------
+def test_route_dump_of_an_empty_table(nl: Netlink) -> None:
+    assert nl.routes() == []
+    assert nl.routes(table=1234) == []
+
+
+def test_single_routes_round_trip(ns: str, nl: Netlink) -> None:
+    idx = veth(ns, "calirt1", "peerrt1")
+    # Onlink gateways are checked against the local table, which a netns gets once lo is up.
+    ip(ns, "link", "set", "lo", "up")
+    workload = Route(N("10.65.0.5/32"), protocol=80, scope=RT_SCOPE_LINK, oif=idx)
+    blackhole = Route(N("10.65.0.0/26"), protocol=80, type="blackhole")
+    via = Route(N("10.66.0.0/24"), protocol=80, oif=idx, gateway=A("10.65.0.5"), onlink=True, metric=100)
+    other_table = Route(N("10.67.0.0/24"), table=1000, protocol=80, type="unreachable")
+    for r in (workload, blackhole, via, other_table):
+        nl.add_route(r)
+    text = ip(ns, "route", "show")
+    assert "10.65.0.5 dev calirt1 proto 80 scope link" in text
+    assert "blackhole 10.65.0.0/26 proto 80" in text
+    assert "10.66.0.0/24 via 10.65.0.5 dev calirt1 proto 80 metric 100 onlink" in text
+    assert "unreachable 10.67.0.0/24 proto 80" in ip(ns, "route", "show", "table", "1000")
+    dumped = nl.routes()
+    for r in (workload, blackhole, via):
+        assert r in dumped  # exact equality: a re-dump recognises what we wrote
+    assert nl.routes(table=1000) == [other_table]
+
+    with pytest.raises(NetlinkError) as ei:
+        nl.add_route(workload, replace=False)
+    assert ei.value.errno == errno.EEXIST
+    assert str(ei.value) == "add route 10.65.0.5/32 dev #%d proto 80 scope link: File exists" % idx
+
+    # Routes written by iproute2 parse back with the same fields.
+    ip(ns, "route", "add", "10.68.0.7", "dev", "calirt1", "proto", "static", "scope", "link")
+    assert Route(N("10.68.0.7/32"), protocol=4, scope=RT_SCOPE_LINK, oif=idx) in nl.routes()
+
+    assert nl.del_route(workload) is True
+    assert nl.del_route(workload) is False
+    assert not any(line.startswith("10.65.0.5 ") for line in ip(ns, "route", "show").splitlines())
+
+
+def test_bulk_apply_maps_errors_to_routes(ns: str, nl: Netlink) -> None:
+    idx = veth(ns, "calibulk", "peerbulk")
+    good = [Route(N((0x0A400000 + i, 32)), protocol=80, scope=RT_SCOPE_LINK, oif=idx) for i in range(3000)]
+    bad_dev = Route(N("10.70.0.1/32"), protocol=80, scope=RT_SCOPE_LINK, oif=99999)
+    bad_gw = Route(N("10.71.0.0/24"), protocol=80, gateway=A("10.200.0.1"))  # no route to the gateway
+    bad_type = Route(N("10.72.0.0/24"), type="nonsense")
+    # Put the failures in different chunks of the batch (1024 requests each).
+    adds = good[:10] + [bad_dev] + good[10:1500] + [bad_gw, bad_type] + good[1500:]
+    gone = Route(N("10.73.0.1/32"), protocol=80, scope=RT_SCOPE_LINK, oif=idx)
+    errors = nl.apply_routes(adds, [gone], ifnames={idx: "calibulk"})
+    by_route = {id(e.obj): e for e in errors}
+    assert len(errors) == 3
+    assert by_route[id(bad_dev)].errno == errno.ENODEV
+    assert by_route[id(bad_gw)].errno == errno.ENETUNREACH
+    assert by_route[id(bad_type)].errno == errno.EINVAL
+    assert "add route 10.71.0.0/24 via 10.200.0.1 proto 80" in str(by_route[id(bad_gw)])
+    lines = ip(ns, "route", "show", "proto", "80").splitlines()
+    assert len(lines) == 3000
+    assert set(nl.routes()) >= set(good)
+
+    # Deleting in bulk, including routes that are already gone: no errors.
+    assert nl.apply_routes([], good + [gone]) == []
+    assert ip(ns, "route", "show", "proto", "80") == ""
+
+
+# -- neighbours -----------------------------------------------------------------------------------
+def test_neighbours(ns: str, nl: Netlink) -> None:
+    idx = veth(ns, "calinb", "peernb")
+    nl.add_neigh(idx, A("10.65.0.9"), "02:00:00:00:00:01")
+    nl.add_neigh(idx, A("10.65.0.9"), "02:00:00:00:00:02")  # replace
+    got = nl.neighs(idx)
+    assert [(n.ip, n.mac, n.permanent) for n in got] == [(A("10.65.0.9"), "02:00:00:00:00:02", True)]
+    assert "10.65.0.9 lladdr 02:00:00:00:00:02 PERMANENT" in ip(ns, "neigh", "show", "dev", "calinb")
+    assert nl.del_neigh(idx, A("10.65.0.9")) is True
+    assert nl.del_neigh(idx, A("10.65.0.9")) is False
+    assert nl.neighs(idx) == []
+
+
+# -- monitoring -----------------------------------------------------------------------------------
+def test_monitor_reports_changes_behind_our_back(ns: str, nl: Netlink) -> None:
+    idx = veth(ns, "calimon", "peermon")
+    ip(ns, "link", "add", "ext0", "type", "veth", "peer", "name", "ext1")
+    ip(ns, "link", "set", "ext0", "up")
+    ip(ns, "link", "set", "ext1", "up")
+    with Monitor((RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE), netns=f"/run/netns/{ns}") as mon:
+        assert mon.read_events() == []
+        assert mon.ifname(idx) == "calimon"
+        # Our own writes (proto 80) echo back but are not "changes behind our back".
+        nl.add_route(Route(N("10.65.0.5/32"), protocol=80, scope=RT_SCOPE_LINK, oif=idx))
+        assert mon.drain_owned_route_changes(("cali",)) is False
+        # Foreign routes elsewhere do not matter either.
+        ip(ns, "route", "add", "10.99.0.0/24", "dev", "ext0")
+        assert mon.drain_owned_route_changes(("cali",)) is False
+        # Someone deletes our route by hand.
+        ip(ns, "route", "del", "10.65.0.5/32")
+        assert mon.drain_owned_route_changes(("cali",)) is True
+        # A foreign route lands on a workload interface.
+        ip(ns, "route", "add", "10.65.0.6", "dev", "calimon", "proto", "static")
+        events = mon.read_events()
+        assert any(isinstance(e, RouteEvent) and not e.deleted and e.route.dst == N("10.65.0.6/32")
+                   and e.route.oif == idx and e.route.protocol == 4 for e in events)
+        ip(ns, "route", "add", "10.65.0.7", "dev", "calimon", "proto", "static")
+        assert mon.drain_owned_route_changes(("cali",)) is True
+        # A workload interface appears.
+        ip(ns, "link", "add", "calinew", "type", "veth", "peer", "name", "peernew")
+        events = mon.read_events()
+        assert any(isinstance(e, LinkEvent) and e.link.name == "calinew" and not e.deleted for e in events)
+        assert mon.ifname(_index(ns, "calinew")) == "calinew"
+        ip(ns, "link", "del", "calinew")
+        assert mon.drain_owned_route_changes(("cali",)) is True
+        assert mon.read_events() == []
+
+
+def test_subscribe_uses_the_same_netns(ns: str, nl: Netlink) -> None:
+    with nl.subscribe([RTNLGRP_LINK]) as mon:
+        ip(ns, "link", "add", "calisub", "type", "veth", "peer", "name", "peersub")
+        names = {e.link.name for e in mon.read_events() if isinstance(e, LinkEvent)}
+        assert "calisub" in names
