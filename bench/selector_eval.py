@@ -30,10 +30,7 @@ CASES: list[tuple[str, Callable[[Labels], bool]]] = [
     ),
     (
         '(tier == "frontend" || tier == "backend") && env starts with "prod"',
-        lambda L: (
-            (L.get("tier") == "frontend" or L.get("tier") == "backend")
-            and L.get("env", "").startswith("prod")
-        ),
+        lambda L: (L.get("tier") == "frontend" or L.get("tier") == "backend") and L.get("env", "").startswith("prod"),
     ),
     ("all()", lambda L: True),
 ]
@@ -63,9 +60,7 @@ def make_labels(n: int, seed: int = 1) -> list[dict[str, str]]:
     return out
 
 
-def time_per_eval(
-    fns: list[Callable[[Labels], bool]], label_sets: list[dict[str, str]], repeat: int
-) -> float:
+def time_per_eval(fns: list[Callable[[Labels], bool]], label_sets: list[dict[str, str]], repeat: int) -> float:
     def run() -> None:
         for fn in fns:
             for labels in label_sets:

@@ -103,7 +103,7 @@ FELIXPY_CACHE="$cache" quiet "$venv/bin/python" -c \
   "$here"
 
 # kube-apiserver from Debian's kubernetes source package (see docs/control-plane.md).
-kas="$cache/kube-apiserver"
+kas="$cache/kube-apiserver-1.20.2-fx2"  # bump the suffix when the build recipe changes
 if [ ! -x "$kas" ]; then
   echo "setup: building kube-apiserver (about 6 minutes)"
   quiet "$here/scripts/build-kube-apiserver.sh" "$kas"

@@ -22,18 +22,21 @@ etcd v3 forms (Calico's key layout, see :mod:`felixpy.datastore.etcd` for what w
 
 Every function that reads stored data raises :class:`ConversionError` on malformed input, naming what is
 wrong, so a backend can report the one bad object and carry on with the rest.
+
+For speed (a CNI ADD writes IPAM blocks of hundreds of entries) nothing is deep-copied: inputs are never
+modified, but a result may share nested lists/maps with its input. Callers that keep mutating an input
+after converting it should copy it first.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import ipaddress
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,7 +237,7 @@ def cr_to_resource(cr: Mapping[str, Any], kind: str | None = None) -> Resource:
         raise ConversionError("CR has no metadata.name")
     annotations = _str_map(md.get("annotations"), "metadata.annotations")
     labels = _str_map(md.get("labels"), "metadata.labels")
-    spec = copy.deepcopy(_dict(cr.get("spec"), "spec"))
+    spec = dict(_dict(cr.get("spec"), "spec"))
 
     meta: dict[str, Any] = {}
     raw = annotations.pop(METADATA_ANNOTATION, None)
@@ -251,7 +254,7 @@ def cr_to_resource(cr: Mapping[str, Any], kind: str | None = None) -> Resource:
             meta["ownerReferences"] = _convert_owner_refs(meta["ownerReferences"], to_v3=True)
 
     handled = ("name", "namespace", "resourceVersion", "uid", "labels", "annotations", "creationTimestamp")
-    out_md: dict[str, Any] = {k: copy.deepcopy(v) for k, v in meta.items()
+    out_md: dict[str, Any] = {k: v for k, v in meta.items()
                               if k not in handled and v not in (None, "", [], {})}
     name = str(meta.get("name") or "") if kind in POLICY_KINDS else ""
     name = name or cr_name
@@ -277,7 +280,7 @@ def cr_to_resource(cr: Mapping[str, Any], kind: str | None = None) -> Resource:
 
     res: Resource = {"apiVersion": API_VERSION_V3, "kind": kind, "metadata": out_md, "spec": spec}
     if isinstance(cr.get("status"), dict):
-        res["status"] = copy.deepcopy(cr["status"])
+        res["status"] = cr["status"]
     return res
 
 
@@ -290,9 +293,9 @@ def resource_to_cr(res: Mapping[str, Any], *, resource_version: str = "") -> dic
     name = str(md.get("name") or "")
     if not name:
         raise ValueError(f"{kind}: metadata.name is required")
-    spec = copy.deepcopy(_dict(res.get("spec"), "spec"))
+    spec = dict(_dict(res.get("spec"), "spec"))
 
-    stored = {k: copy.deepcopy(v) for k, v in md.items()
+    stored = {k: v for k, v in md.items()
               if k not in ("namespace", "resourceVersion", "uid") and v not in (None, "", [], {})}
     if kind not in POLICY_KINDS:
         stored.pop("name", None)
@@ -325,7 +328,7 @@ def resource_to_cr(res: Mapping[str, Any], *, resource_version: str = "") -> dic
         cr_md["uid"] = convert_uid(str(md["uid"]))
     body: dict[str, Any] = {"apiVersion": CRD_API_VERSION, "kind": kind, "metadata": cr_md, "spec": spec}
     if isinstance(res.get("status"), dict):
-        body["status"] = copy.deepcopy(res["status"])
+        body["status"] = res["status"]
     return body
 
 
@@ -990,9 +993,9 @@ def k8s_network_policy_to_resource(np: Mapping[str, Any]) -> Resource:
     out_md: dict[str, Any] = {"name": md["name"], "namespace": md["namespace"]}
     for k in ("resourceVersion", "uid", "creationTimestamp", "labels", "annotations"):
         if md.get(k):
-            out_md[k] = copy.deepcopy(md[k])
+            out_md[k] = md[k]
     return {"apiVersion": API_VERSION_V3, "kind": KIND_K8S_NETWORK_POLICY, "metadata": out_md,
-            "spec": copy.deepcopy(_dict(np.get("spec"), "spec"))}
+            "spec": _dict(np.get("spec"), "spec")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1081,8 +1084,8 @@ def etcd_v3_decode(key: Key, raw: bytes, mod_revision: int) -> Resource:
 
 def etcd_v3_encode(key: Key, res: Mapping[str, Any]) -> bytes:
     """v3 resource -> stored JSON (Calico's clientv3 clears resourceVersion before writing)."""
-    out = copy.deepcopy(dict(res))
-    md = _dict(out.get("metadata"), "metadata")
+    out = dict(res)
+    md = dict(_dict(out.get("metadata"), "metadata"))
     md.pop("resourceVersion", None)
     md["name"] = key.name
     if key.namespace:
@@ -1307,33 +1310,20 @@ def etcd_ipam_candidate_paths(key: Key) -> list[str]:
 def etcd_ipam_range(kind: str, opts_host: str | None = None) -> tuple[str, str]:
     """[start, end) etcd key range holding every object of an IPAM kind (optionally one host's affinities)."""
     if kind == KIND_IPAM_BLOCK:
-        return ETCD_BLOCK_ROOT, _prefix_end(ETCD_BLOCK_ROOT)
+        return ETCD_BLOCK_ROOT, prefix_end(ETCD_BLOCK_ROOT)
     if kind == KIND_BLOCK_AFFINITY:
         if opts_host:
             p = f"{ETCD_IPAM_ROOT}host/{opts_host}/"
-            return p, _prefix_end(p)
+            return p, prefix_end(p)
         # "host/" .. "virtual/" are adjacent in Calico's layout (handle/ sorts before host/): one range.
-        return f"{ETCD_IPAM_ROOT}host/", _prefix_end(f"{ETCD_IPAM_ROOT}virtual/")
+        return f"{ETCD_IPAM_ROOT}host/", prefix_end(f"{ETCD_IPAM_ROOT}virtual/")
     if kind == KIND_IPAM_HANDLE:
-        return ETCD_HANDLE_ROOT, _prefix_end(ETCD_HANDLE_ROOT)
+        return ETCD_HANDLE_ROOT, prefix_end(ETCD_HANDLE_ROOT)
     if kind == KIND_IPAM_CONFIG:
         return ETCD_IPAM_CONFIG_KEY, ETCD_IPAM_CONFIG_KEY + "\0"
     raise ValueError(f"{kind} is not an IPAM kind")
 
 
-def _prefix_end(prefix: str) -> str:
+def prefix_end(prefix: str) -> str:
     # Keys here are ASCII; bumping the last character gives the first key after the prefix.
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
-
-
-def affinity_host_of(kind: str, path: str) -> str | None:
-    m = _AFFINITY_RE.match(path) if kind == KIND_BLOCK_AFFINITY else None
-    return m.group(2) if m else None
-
-
-def labels_match(labels: Mapping[str, str], required: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in required.items())
-
-
-def unique(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))

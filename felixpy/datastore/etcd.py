@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import copy
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -305,10 +304,10 @@ class EtcdBackend:
                 need = "required" if cv.is_namespaced(key.kind) else "not allowed"
                 raise ValueError(f"{key}: namespace {need}")
             if create:
-                value = copy.deepcopy(value)
-                md = value.setdefault("metadata", {})
+                md = dict(value.get("metadata") or {})
                 md.setdefault("uid", str(uuid.uuid4()))
                 md.setdefault("creationTimestamp", _now())
+                value = dict(value, metadata=md)
             return cv.etcd_v3_path(key), cv.etcd_v3_encode(key, value)
         except (ValueError, cv.ConversionError) as e:
             raise Invalid(f"{key}: {e}") from None
@@ -366,7 +365,7 @@ class EtcdBackend:
         if kind == KIND_WEP and opts.node and opts.namespace:
             # WEP names start with the escaped node name: narrow the range server-side.
             prefix += opts.node.replace("-", "--") + "-"
-        return prefix, cv._prefix_end(prefix)
+        return prefix, cv.prefix_end(prefix)
 
     @staticmethod
     def _wanted(key: Key, opts: ListOptions) -> bool:

@@ -351,6 +351,8 @@ class K8sBackend:
 
     async def watch(self, kind: str, revision: str,
                     opts: ListOptions | None = None) -> AsyncIterator[WatchEvent]:
+        """Events after ``revision`` (a list's revision). An empty revision makes the API server first
+        replay every current object as a ``put`` (the etcd backend instead starts from "now")."""
         opts = opts or ListOptions()
         if self._is_crd_kind(kind):
             path, query = self._cr_path_query(kind, opts)
@@ -516,8 +518,6 @@ class K8sBackend:
     async def _cr_create(self, key: Key, value: Resource) -> KVPair:
         body = self._cr_body(key, value, "")
         path = self._cr_collection(key.kind, key.namespace)
-        if cv.is_namespaced(key.kind):
-            path = self._cr_collection(key.kind, key.namespace)
         obj = await self._request("POST", path, what=f"create {key}", body=body, creating=True)
         return self._convert_one(key, obj, lambda o: cv.cr_to_resource(o, key.kind))
 
@@ -588,9 +588,17 @@ class K8sBackend:
             spec_pod = (value.get("spec") or {}).get("pod")
             if spec_pod and spec_pod != pod_name:
                 raise Invalid(f"{key}: spec.pod {spec_pod!r} does not match the name")
-        pod = await self._request(
-            "PATCH", f"/api/v1/namespaces/{_q(key.namespace)}/pods/{_q(pod_name)}/status",
-            what=f"write {key}", body=patch, content_type=STRATEGIC_MERGE)
+        try:
+            pod = await self._request(
+                "PATCH", f"/api/v1/namespaces/{_q(key.namespace)}/pods/{_q(pod_name)}/status",
+                what=f"write {key}", body=patch, content_type=STRATEGIC_MERGE)
+        except Invalid as e:
+            # A uid in a patch is checked as "immutable field changed" (422): for us it is a CAS failure,
+            # the pod was replaced by another instance with the same name.
+            if "uid" in patch["metadata"] and "metadata.uid" in str(e):
+                raise Conflict(f"{key}: pod {pod_name} is no longer the instance with uid "
+                               f"{patch['metadata']['uid']}") from None
+            raise
         return self._convert_one(key, pod, lambda p: cv.pod_to_wep(p, interface_prefix=self._iface_prefix))
 
     # --- Nodes ----------------------------------------------------------------------------------

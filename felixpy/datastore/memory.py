@@ -14,6 +14,10 @@ Test hooks: every operation first yields to the event loop once (like a network 
 ``asyncio.gather`` really interleaves clients), counts itself in :attr:`op_counts`, and runs the
 callables in :attr:`hooks`, which may raise (inject an outage) or change the store through
 :meth:`MemoryBackend.raw` (inject a concurrent writer and so a CAS conflict).
+
+List filters: ``namespace`` for every kind, ``node`` for WorkloadEndpoints (``spec.node``), ``host`` for
+BlockAffinities (``spec.node``); ``extra`` is ignored. :class:`MemoryTxnBackend` adds the etcd
+backend's ``txn_write`` extension, so callers' transaction paths can be unit-tested too.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import datetime as dt
 import json
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -315,3 +319,48 @@ class _Raw:
 
 if TYPE_CHECKING:
     _protocol_check: type[Backend] = MemoryBackend
+
+
+class MemoryTxnBackend(MemoryBackend):
+    """MemoryBackend plus the etcd backend's ``txn_write`` extension (several CAS writes, all or none)."""
+
+    async def txn_write(self, ops: Sequence[tuple[str, KVPair | Key]]) -> list[KVPair]:
+        await self._enter("txn", "txn")
+        seen: set[Key] = set()
+        problems: list[str] = []
+        for op, item in ops:
+            key = item.key if isinstance(item, KVPair) else item
+            if key in seen:
+                raise Invalid("txn_write: a key appears more than once in one transaction")
+            seen.add(key)
+            cur = self._items.get(key)
+            rev = item.revision if isinstance(item, KVPair) else ""
+            if op == "create":
+                if not isinstance(item, KVPair):
+                    raise Invalid(f"txn_write create of {key} needs a KVPair")
+                if cur is not None:
+                    problems.append(f"create {key}: already exists")
+            elif op in ("update", "delete"):
+                if op == "update" and not isinstance(item, KVPair):
+                    raise Invalid(f"txn_write update of {key} needs a KVPair")
+                if cur is None:
+                    problems.append(f"{op} {key}: not found")
+                elif rev and rev != str(cur.revision):
+                    problems.append(f"{op} {key}: revision {rev} is stale (now {cur.revision})")
+            else:
+                raise Invalid(f"txn_write: unknown op {op!r}")
+        if problems:
+            raise Conflict("transaction failed: " + "; ".join(problems))
+        out: list[KVPair] = []
+        for op, item in ops:
+            if op == "create":
+                assert isinstance(item, KVPair)
+                out.append(self._create(item.key, item.value))
+            elif op == "update":
+                assert isinstance(item, KVPair)
+                out.append(self._update(KVPair(item.key, item.value, "", "")))
+            else:
+                key = item.key if isinstance(item, KVPair) else item
+                self._delete(key, "", "")
+                out.append(KVPair(key, item.value if isinstance(item, KVPair) else {}, str(self._rev)))
+        return out

@@ -88,21 +88,22 @@ def affinity_labels(host: str, cidr: IPNetwork, affinity_type: str = AFFINITY_TY
 
 
 def affinity_spec(host: str, cidr: IPNetwork, state: str, *, deleted: bool = False) -> dict[str, Any]:
-    # ``deleted`` is a string in the v1 CRD (crd.projectcalico.org BlockAffinity).
-    return {"state": state, "node": host, "cidr": str(cidr), "type": AFFINITY_TYPE_HOST,
-            "deleted": "true" if deleted else "false"}
+    # ``deleted`` is a bool in the v3 form; the Kubernetes backend writes the CRD's string "true"/"false".
+    return {"state": state, "node": host, "cidr": str(cidr), "type": AFFINITY_TYPE_HOST, "deleted": deleted}
 
 
 def affinity_is_deleted(spec: Mapping[str, Any]) -> bool:
+    """Accepts the v3 bool and the CRD's string form."""
     d = spec.get("deleted", False)
     if isinstance(d, str):
         return d.strip().lower() == "true"
     return bool(d)
 
 
-def handle_name(handle_id: str) -> str:
-    """IPAMHandle object name: the handle ID lower-cased (k8s names are lower case)."""
-    return handle_id.lower()
+def handle_name(handle_id: str, *, exact: bool = False) -> str:
+    """IPAMHandle object name: the handle ID lower-cased (Kubernetes names are lower case), or the
+    exact ID where the store keys handles case-sensitively (etcd: ``/calico/ipam/v2/handle/<ID>``)."""
+    return handle_id if exact else handle_id.lower()
 
 
 def sanitize_handle(handle_id: str) -> str:

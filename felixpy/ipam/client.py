@@ -17,14 +17,19 @@ host-wide flock); CAS arbitrates against other nodes and other processes.
 
 Datastore round trips (steady state: pools/affinities cached, the affine block known and not full):
 
-* ``auto_assign``: 2 = create the IPAMHandle + CAS-update the block with the cached revision.
-  Every ``cache_ttl`` seconds +1 list of IPPools and +1 list of this node's BlockAffinities (+1 get of
-  the Node if a pool has a non-trivial nodeSelector and no labels were passed). A Conflict costs +1 get
-  and +1 update; claiming a new block costs a list of all blocks, the IPAMConfig get and 4 writes.
-* ``release_by_handle``: 3 on Kubernetes = block CAS + mark handle deleted + delete handle
-  (2 on etcd); +1 get of the handle if this process did not create it; +1 get of the block if it was
-  never read before by this process.
+* ``auto_assign``: 2 = create the IPAMHandle + CAS-update the block with the cached revision; 1 where
+  the backend offers ``txn_write`` (etcd: both in one transaction). Every ``cache_ttl`` seconds +1 list
+  of IPPools and +1 list of this node's BlockAffinities (+1 get of the Node if a pool has a non-trivial
+  nodeSelector and no labels were passed). A Conflict costs +1 get and +1 update; claiming a new block
+  costs a list of all blocks, the IPAMConfig get and 4 writes. A block found full by a fresh read is
+  trusted to stay full for ``cache_ttl`` (so a full block ahead of the current one costs nothing).
+* ``release_by_handle``: 3 on Kubernetes = block CAS + mark handle deleted + delete handle; 2 on etcd,
+  or 1 with ``txn_write`` (block CAS and handle delete in one transaction); +1 get of the handle if this
+  process did not create it; +1 get of the block if this process never read it.
 * ``ips_by_handle``: 1 get of the handle (+1 get per block when it exists).
+
+Measured (bench script, 200 sequential ADDs/DELs, real servers on loopback): etcd 3.4 ADD p50 ~1 ms,
+DEL ~1 ms; kube-apiserver 1.20 ADD p50 ~8 ms, DEL ~11 ms.
 
 Decisions: a missing IPAMConfig ``default`` is created with Calico's defaults (strictAffinity false,
 autoAllocateBlocks true, maxBlocksPerHost 0), as Calico's ``GetIPAMConfig`` does. Only IPv4 is
@@ -39,7 +44,7 @@ import ipaddress
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -139,8 +144,8 @@ def block_key(cidr: IPNetwork | str) -> Key:
     return Key(KIND_IPAM_BLOCK, cidr_to_name(cidr))
 
 
-def handle_key(handle_id: str) -> Key:
-    return Key(KIND_IPAM_HANDLE, handle_name(handle_id))
+def handle_key(handle_id: str, *, exact: bool = False) -> Key:
+    return Key(KIND_IPAM_HANDLE, handle_name(handle_id, exact=exact))
 
 
 def affinity_key(host: str, cidr: IPNetwork | str) -> Key:
@@ -188,8 +193,10 @@ class IPAMClient:
         self._clock = clock
         self._ttl = cache_ttl
         self._retries = retries
-        self._two_phase = (getattr(backend, "type_name", "") != "etcdv3") if two_phase_delete is None \
-            else two_phase_delete
+        etcd = getattr(backend, "type_name", "") == "etcdv3"
+        # etcd has a native compare-and-delete and case-sensitive handle keys (Calico's etcd layout).
+        self._two_phase = not etcd if two_phase_delete is None else two_phase_delete
+        self._exact_handle_names = etcd
         self._lock = asyncio.Lock()
         # Caches (see the module docstring: they save round trips, CAS keeps them honest).
         self._pools: list[IPPool] | None = None
@@ -201,6 +208,7 @@ class IPAMClient:
         self._config_at = 0.0
         self._blocks: dict[str, KVPair] = {}  # block CIDR -> last known IPAMBlock
         self._handles: OrderedDict[str, KVPair] = OrderedDict()  # handle ID -> last known IPAMHandle
+        self._full_at: dict[str, float] = {}  # block CIDR -> when a fresh read found it full
 
     # == public API ==================================================================================
     def invalidate_caches(self) -> None:
@@ -211,6 +219,7 @@ class IPAMClient:
         self._config = None
         self._blocks.clear()
         self._handles.clear()
+        self._full_at.clear()
 
     async def auto_assign(self, *, handle_id: str, attrs: Mapping[str, str], num_v4: int = 1,
                           pools: Sequence[str] | None = None, use: Use = "Workload",
@@ -276,7 +285,7 @@ class IPAMClient:
         """Addresses currently allocated to ``handle_id`` (read fresh from the datastore)."""
         handle_id = self._check_handle(handle_id)
         async with self._lock:
-            kv = await self._get_live(handle_key(handle_id))
+            kv = await self._get_live(self._hkey(handle_id))
             if kv is None:
                 return []
             out: list[IPAddress] = []
@@ -438,6 +447,7 @@ class IPAMClient:
         """Take up to ``num`` addresses from one block; [] when it is full or no longer usable."""
         reserved = 0  # handle count already added for this block and not yet backed by a block write
         known_outcome = True
+        use_txn = True
         try:
             for _ in range(self._retries):
                 kv = self._blocks.get(cidr)
@@ -465,12 +475,35 @@ class IPAMClient:
                     await self._drop_stale_affinity(cidr, block)
                     return []
                 if block.num_free() == 0:
-                    if cached:
+                    # "Full" is decided on a fresh read, then trusted for cache_ttl so that a full
+                    # block ahead of the current one does not cost a read on every assignment.
+                    now = time.monotonic()
+                    if cached and now - self._full_at.get(cidr, -self._ttl - 1) >= self._ttl:
                         self._blocks.pop(cidr, None)
                         continue
+                    if not cached:
+                        self._full_at[cidr] = now
                     return []
                 ords = block.auto_assign(num, handle_id, attrs)
                 block.bump_sequence()
+                txn = self._txn() if use_txn and reserved == 0 and handle_id not in self._handles else None
+                if txn is not None:
+                    # One atomic transaction creates the handle and writes the block (etcd: 1 round
+                    # trip instead of 2). All or nothing, so there is no handle count to undo.
+                    hk = self._hkey(handle_id)
+                    hval = new_resource(hk, handle_spec(handle_id, {cidr: len(ords)}))
+                    try:
+                        hkv, new = await txn([("create", KVPair(hk, hval)),
+                                              ("update", KVPair(kv.key, _with_spec(kv.value, block.to_spec()),
+                                                                kv.revision, kv.uid))])
+                    except Conflict:
+                        # The handle exists already or the block moved on: go step by step.
+                        use_txn = False
+                        self._blocks.pop(cidr, None)
+                        continue
+                    self._remember_handle(handle_id, hkv)
+                    self._remember_block(cidr, new)
+                    return [_v4_iface(block, o) for o in ords]
                 if len(ords) > reserved:
                     known_outcome = False
                     await self._handle_add(handle_id, cidr, len(ords) - reserved)
@@ -573,12 +606,14 @@ class IPAMClient:
 
     # == release =====================================================================================
     async def _release_by_handle(self, handle_id: str) -> list[IPAddress]:
-        key = handle_key(handle_id)
+        key = self._hkey(handle_id)
         released: list[IPAddress] = []
         for _ in range(self._retries):
             kv = self._handles.get(handle_id) or await self._get_live(key)
             if kv is None:
                 self._handles.pop(handle_id, None)
+                return released
+            if await self._txn_release(kv, handle_id, released):
                 return released
             for cidr in sorted(self._handle_blocks(kv)):
                 released.extend(await self._release_handle_in_block(cidr, handle_id))
@@ -591,6 +626,45 @@ class IPAMClient:
             self._handles.pop(handle_id, None)
             return released
         raise TooManyConflictsError(f"max retries hit releasing handle {handle_id}")
+
+    async def _txn_release(self, hkv: KVPair, handle_id: str, released: list[IPAddress]) -> bool:
+        """Where the backend has ``txn_write`` and deletes are single-phase (etcd): release a one-block
+        handle and delete it in one transaction. False when not applicable or when it lost a race."""
+        txn = self._txn()
+        blocks_of = self._handle_blocks(hkv)
+        if txn is None or self._two_phase or len(blocks_of) != 1:
+            return False
+        (cidr,) = blocks_of
+        bkv = self._blocks.get(cidr) or await self._get_live(block_key(cidr))
+        block = self._parse_block(bkv) if bkv is not None else None
+        if bkv is None or block is None:
+            return False
+        ords = block.release_by_handle(handle_id)
+        if not ords:
+            return False  # decided on a fresh read by the step-by-step path
+        if block.is_empty() and block.affinity is None:
+            bop: tuple[str, KVPair] = ("delete", bkv)
+        else:
+            block.bump_sequence()
+            bop = ("update", KVPair(bkv.key, _with_spec(bkv.value, block.to_spec()), bkv.revision, bkv.uid))
+        try:
+            out = await txn([bop, ("delete", hkv)])
+        except (Conflict, NotFound):
+            self._blocks.pop(cidr, None)
+            self._handles.pop(handle_id, None)
+            return False
+        self._handles.pop(handle_id, None)
+        if bop[0] == "update":
+            self._remember_block(cidr, out[0])
+        else:
+            self._blocks.pop(cidr, None)
+        released.extend(block.ordinal_to_ip(o) for o in ords)
+        return True
+
+    def _txn(self) -> Callable[[list[tuple[str, KVPair]]], Awaitable[list[KVPair]]] | None:
+        """The backend's optional multi-key CAS transaction (the etcd backend's ``txn_write``)."""
+        fn = getattr(self._b, "txn_write", None)
+        return fn if callable(fn) else None
 
     async def _release_handle_in_block(self, cidr: str, handle_id: str) -> list[IPAddress]:
         for _ in range(self._retries):
@@ -692,7 +766,7 @@ class IPAMClient:
         """Add ``delta`` (may be negative) to the handle's count for ``cidr``; deletes it at zero."""
         if delta == 0:
             return
-        key = handle_key(handle_id)
+        key = self._hkey(handle_id)
         try_create = delta > 0
         for _ in range(self._retries):
             kv = self._handles.get(handle_id)
@@ -1155,12 +1229,15 @@ class IPAMClient:
         """Delete ``kv`` only if unchanged since read; raises Conflict / NotFound otherwise."""
         if self._two_phase:
             spec = dict(_spec(kv))
-            spec["deleted"] = "true" if kv.key.kind == KIND_BLOCK_AFFINITY else True
+            spec["deleted"] = True
             marked = await self._b.update(KVPair(kv.key, _with_spec(kv.value, spec), kv.revision, kv.uid))
             with contextlib.suppress(NotFound):
                 await self._b.delete(kv.key, revision=marked.revision, uid=marked.uid or kv.uid)
         else:
             await self._b.delete(kv.key, revision=kv.revision, uid=kv.uid)
+
+    def _hkey(self, handle_id: str) -> Key:
+        return handle_key(handle_id, exact=self._exact_handle_names)
 
     @staticmethod
     def _check_handle(handle_id: str) -> str:

@@ -145,7 +145,8 @@ def calico_conf(agent: Agent, *, version: str = "1.0.0", name: str = "k8s-pod-ne
 def run_cni(plugin: Path, command: str, conf: dict[str, Any] | bytes, *, cid: str, netns: str = "",
             ns: str = "default", pod: str = "", ifname: str = "eth0",
             socket: str = "") -> tuple[int, dict[str, Any]]:
-    env = {**({"FELIXPY_CNI_SOCKET": socket} if socket else {}),"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
+    env = {**({"FELIXPY_CNI_SOCKET": socket} if socket else {}),
+           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
            "CNI_NETNS": netns, "CNI_IFNAME": ifname, "CNI_PATH": str(plugin.parent),
            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod or cid}"}
     data = conf if isinstance(conf, bytes) else json.dumps(conf).encode()

@@ -194,9 +194,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
             "serviceClusterIPs": [{"cidr": "10.96.0.0/12"}],
             "serviceLoadBalancerAggregation": "Enabled",
             "communities": [{"name": "bgp-large-community", "value": "63400:300:100"}],
-            "prefixAdvertisements": [
-                {"cidr": "10.244.0.0/16", "communities": ["bgp-large-community", "65001:10"]}
-            ],
+            "prefixAdvertisements": [{"cidr": "10.244.0.0/16", "communities": ["bgp-large-community", "65001:10"]}],
             "nodeMeshPassword": {"secretKeyRef": {"name": "bgp-secrets", "key": "mesh"}},
             "ignoredInterfaces": ["eth9"],
         },
@@ -362,9 +360,7 @@ def kas() -> Iterator[KubeApiServer]:
 def test_every_crd_file_is_listed_in_kustomization() -> None:
     with open(os.path.join(CRD_DIR, "kustomization.yaml")) as f:
         kustomization = yaml.safe_load(f)
-    files = sorted(
-        os.path.basename(p) for p in glob.glob(os.path.join(CRD_DIR, "crd.projectcalico.org_*.yaml"))
-    )
+    files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CRD_DIR, "crd.projectcalico.org_*.yaml")))
     assert sorted(kustomization["resources"]) == files
     assert files == sorted(f"{GROUP}_{plural}.yaml" for plural in EXPECTED)
 
@@ -544,7 +540,7 @@ def test_empty_strings_in_typed_fields_are_kept(kas: KubeApiServer) -> None:
             "ipamblocks",
             {**SAMPLES["ipamblocks"]["spec"], "attributes": [{"handle_id": "h", "secondary": {"k": ""}}]},
         ),
-        ("felixconfigurations", {"bpfLogLevel": "", "interfaceExclude": ""}),
+        ("felixconfigurations", {"bpfLogLevel": "", "interfaceExclude": "", "nftablesMode": "Auto"}),
     ]
     for plural, spec in cases:
         obj = _obj(plural, {"metadata": {"name": "empty-strings"}, "spec": spec})

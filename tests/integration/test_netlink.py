@@ -24,6 +24,7 @@ from felixpy.dataplane.shims.netlink import (
     Monitor,
     Netlink,
     NetlinkError,
+    Overflow,
     Route,
     RouteEvent,
 )
@@ -227,7 +228,7 @@ def test_single_routes_round_trip(ns: str, nl: Netlink) -> None:
     with pytest.raises(NetlinkError) as ei:
         nl.add_route(workload, replace=False)
     assert ei.value.errno == errno.EEXIST
-    assert str(ei.value) == "add route 10.65.0.5/32 dev #%d proto 80 scope link: File exists" % idx
+    assert str(ei.value) == f"add route 10.65.0.5/32 dev #{idx} proto 80 scope link: File exists"
 
     # Routes written by iproute2 parse back with the same fields.
     ip(ns, "route", "add", "10.68.0.7", "dev", "calirt1", "proto", "static", "scope", "link")
@@ -245,7 +246,7 @@ def test_bulk_apply_maps_errors_to_routes(ns: str, nl: Netlink) -> None:
     bad_gw = Route(N("10.71.0.0/24"), protocol=80, gateway=A("10.200.0.1"))  # no route to the gateway
     bad_type = Route(N("10.72.0.0/24"), type="nonsense")
     # Put the failures in different chunks of the batch (1024 requests each).
-    adds = good[:10] + [bad_dev] + good[10:1500] + [bad_gw, bad_type] + good[1500:]
+    adds = [*good[:10], bad_dev, *good[10:1500], bad_gw, bad_type, *good[1500:]]
     gone = Route(N("10.73.0.1/32"), protocol=80, scope=RT_SCOPE_LINK, oif=idx)
     errors = nl.apply_routes(adds, [gone], ifnames={idx: "calibulk"})
     by_route = {id(e.obj): e for e in errors}
@@ -259,7 +260,7 @@ def test_bulk_apply_maps_errors_to_routes(ns: str, nl: Netlink) -> None:
     assert set(nl.routes()) >= set(good)
 
     # Deleting in bulk, including routes that are already gone: no errors.
-    assert nl.apply_routes([], good + [gone]) == []
+    assert nl.apply_routes([], [*good, gone]) == []
     assert ip(ns, "route", "show", "proto", "80") == ""
 
 
@@ -316,3 +317,27 @@ def test_subscribe_uses_the_same_netns(ns: str, nl: Netlink) -> None:
         ip(ns, "link", "add", "calisub", "type", "veth", "peer", "name", "peersub")
         names = {e.link.name for e in mon.read_events() if isinstance(e, LinkEvent)}
         assert "calisub" in names
+
+
+def test_monitor_overflow_is_reported(ns: str, nl: Netlink) -> None:
+    idx = veth(ns, "caliovf", "peerovf")
+    with Monitor([RTNLGRP_IPV4_ROUTE], netns=f"/run/netns/{ns}", rcvbuf=1024) as mon:
+        many = [Route(N((0x0A500000 + i, 32)), protocol=80, scope=RT_SCOPE_LINK, oif=idx) for i in range(500)]
+        assert nl.apply_routes(many, []) == []
+        events = mon.read_events()
+        assert any(isinstance(e, Overflow) for e in events)
+        nl.apply_routes(many[:300], [])
+        assert mon.drain_owned_route_changes(("cali",)) is True  # an overflow means "anything changed"
+
+
+def test_lost_replies_are_reported_not_swallowed(ns: str) -> None:
+    # A receive buffer far too small for 2000 error replies: some are dropped by the kernel. Every
+    # failed route must still come back as an error (ENOBUFS where the reply was lost), and no hang.
+    with Netlink(f"/run/netns/{ns}", rcvbuf=1024) as small:
+        bad = [Route(N((0x0A600000 + i, 32)), protocol=80, scope=RT_SCOPE_LINK, oif=99999) for i in range(2000)]
+        errors = small.apply_routes(bad, [])
+        assert len(errors) == 2000
+        assert {e.errno for e in errors} <= {errno.ENODEV, errno.ENOBUFS}
+        assert any(e.errno == errno.ENOBUFS for e in errors)
+        # The socket is still usable afterwards.
+        assert [ln.name for ln in small.links()] == ["lo"]

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -66,9 +67,13 @@ def log_tail(path: str, limit: int = 3000) -> str:
 class EtcdServer:
     """One single-member etcd cluster. ``start()`` returns once ``/health`` reports healthy."""
 
-    def __init__(self, *, name_prefix: str = "felixpy-etcd", start_timeout: float = 30.0) -> None:
+    def __init__(self, *, name_prefix: str = "felixpy-etcd", start_timeout: float = 30.0,
+                 tls: bool = False) -> None:
+        """``tls=True`` serves https with a fresh CA and requires client certificates (see ``ca_file``,
+        ``client_cert_file``, ``client_key_file``)."""
         self._name_prefix = name_prefix
         self._start_timeout = start_timeout
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
         self.client_port = 0
@@ -78,7 +83,38 @@ class EtcdServer:
     def endpoint(self) -> str:
         if not self.client_port:
             raise RuntimeError("EtcdServer is not running")
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+
+    @property
+    def ca_file(self) -> str:
+        return os.path.join(self._dir or "", "pki", "ca.crt")
+
+    @property
+    def client_cert_file(self) -> str:
+        return os.path.join(self._dir or "", "pki", "client.crt")
+
+    @property
+    def client_key_file(self) -> str:
+        return os.path.join(self._dir or "", "pki", "client.key")
+
+    def _make_pki(self) -> None:
+        """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI)."""
+        pki = os.path.join(self._dir or "", "pki")
+        os.makedirs(pki)
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=pki)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=felixpy-test-ca",
+            "-keyout", "ca.key", "-out", "ca.crt")
+        for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                          ("client", "extendedKeyUsage=clientAuth")):
+            with open(os.path.join(pki, f"{name}.ext"), "w") as f:
+                f.write(ext + "\n")
+            run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=felixpy-{name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr")
+            run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
 
     @property
     def pid(self) -> int:
@@ -96,6 +132,8 @@ class EtcdServer:
         if not os.access(ETCD_BINARY, os.X_OK):
             raise FileNotFoundError(f"etcd binary not found at {ETCD_BINARY} (apt-get install etcd-server)")
         self._dir = tempfile.mkdtemp(prefix=self._name_prefix + "-", dir=temp_root())
+        if self.tls:
+            self._make_pki()
         last_error = ""
         # A port picked by free_port() can be taken before etcd binds it; retry with new ports.
         for _attempt in range(3):
@@ -116,7 +154,7 @@ class EtcdServer:
 
     def _spawn(self) -> None:
         assert self._dir is not None
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = self.endpoint
         peer = f"http://127.0.0.1:{self.peer_port}"
         name = os.path.basename(self._dir)
         args = [
@@ -133,6 +171,10 @@ class EtcdServer:
             "--logger", "zap",
             "--log-level", "warn",
         ]
+        if self.tls:
+            pki = os.path.join(self._dir, "pki")
+            args += ["--cert-file", os.path.join(pki, "server.crt"), "--key-file", os.path.join(pki, "server.key"),
+                     "--trusted-ca-file", self.ca_file, "--client-cert-auth"]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -141,12 +183,16 @@ class EtcdServer:
     def _wait_healthy(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + self._start_timeout
-        url = f"http://127.0.0.1:{self.client_port}/health"
+        url = f"{self.endpoint}/health"
+        ctx = None
+        if self.tls:
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+            ctx.load_cert_chain(self.client_cert_file, self.client_key_file)
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self._proc.returncode}: {log_tail(self.log_path)}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as r:
+                with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
                     if json.loads(r.read()).get("health") == "true":
                         return
             except (OSError, urllib.error.URLError, ValueError):

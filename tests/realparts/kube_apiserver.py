@@ -36,7 +36,7 @@ import yaml
 
 from tests.realparts.etcd import EtcdServer, free_port, kill_process, log_tail, temp_root
 
-KUBE_APISERVER_BINARY = os.environ.get("FELIXPY_KUBE_APISERVER", "/var/cache/felixpy/kube-apiserver")
+KUBE_APISERVER_BINARY = os.environ.get("FELIXPY_KUBE_APISERVER", "/var/cache/felixpy/kube-apiserver-1.20.2-fx2")
 
 
 def kube_apiserver_missing_reason() -> str | None:

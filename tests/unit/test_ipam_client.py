@@ -25,7 +25,7 @@ from felixpy.datastore.api import (
     Unavailable,
     new_resource,
 )
-from felixpy.datastore.memory import MemoryBackend
+from felixpy.datastore.memory import MemoryBackend, MemoryTxnBackend
 from felixpy.ipam import (
     AddressInUseError,
     AddressNotInPoolError,
@@ -84,6 +84,11 @@ def handles(b: MemoryBackend) -> dict[str, dict[str, int]]:
     return {kv.value["spec"]["handleID"]: kv.value["spec"]["block"] for kv in b.raw().items(KIND_IPAM_HANDLE)}
 
 
+def block_write(op: str, target: Key | str, blk_key: Key) -> bool:
+    """A write of the block: a CAS update, or a transaction (the txn backend's only kind here)."""
+    return (op == "update" and target == blk_key) or op == "txn"
+
+
 def assert_consistent(b: MemoryBackend) -> None:
     problems = check_ipam([kv.value for kv in b.raw().items(KIND_IPAM_BLOCK)],
                           [kv.value for kv in b.raw().items(KIND_IPAM_HANDLE)],
@@ -91,9 +96,10 @@ def assert_consistent(b: MemoryBackend) -> None:
     assert problems == []
 
 
-@pytest.fixture
-async def be() -> MemoryBackend:
-    b = MemoryBackend()
+@pytest.fixture(params=["plain", "txn"])
+async def be(request: pytest.FixtureRequest) -> MemoryBackend:
+    """Every test on this fixture runs twice: without and with the optional ``txn_write`` extension."""
+    b = MemoryTxnBackend() if request.param == "txn" else MemoryBackend()
     await add_pool(b, "default-ipv4-ippool", "10.244.0.0/16")
     return b
 
@@ -110,7 +116,7 @@ async def test_first_assign_claims_a_block_with_confirmed_affinity(be: MemoryBac
     (aff,) = be.raw().items(KIND_BLOCK_AFFINITY)
     assert aff.key.name == f"n1-{cidr.replace('.', '-').replace('/', '-')}"
     assert aff.value["spec"] == {"state": "confirmed", "node": "n1", "cidr": cidr, "type": "host",
-                                 "deleted": "false"}
+                                 "deleted": False}
     assert aff.value["metadata"]["labels"][LABEL_HOSTNAME_HASH] == hostname_hash("n1")
     assert handles(be) == {"k8s-pod-network.abc": {cidr: 1}}
     assert be.raw().get(Key(KIND_IPAM_HANDLE, "k8s-pod-network.abc")).value["spec"]["deleted"] is False
@@ -376,7 +382,7 @@ async def test_fifty_concurrent_assigns_on_one_node_then_release_all(be: MemoryB
     assert len(set(ips)) == 50
     assert len(blocks(be)) == 1  # 50 fit in one /26
     # This node's requests are serialised, so they never collide with each other: one CAS each.
-    assert be.ops("update", KIND_IPAM_BLOCK) == 50
+    assert be.ops("update", KIND_IPAM_BLOCK) + be.ops("txn") == 50
     assert_consistent(be)
     rel = await asyncio.gather(*(c.release_by_handle(f"k8s-pod-network.{i}") for i in range(50)))
     assert sorted(ip for r in rel for ip in r) == sorted(ips)
@@ -425,7 +431,7 @@ async def test_conflict_on_block_write_is_retried_without_leaking_handle_counts(
     left = [3]
 
     def concurrent_writer(op: str, target: Key | str) -> None:
-        if op == "update" and target == blk_key and left[0] > 0:
+        if block_write(op, target, blk_key) and left[0] > 0:
             left[0] -= 1
             be.raw().touch(blk_key)  # someone else wrote the block first
 
@@ -444,7 +450,7 @@ async def test_other_node_takes_the_next_address_between_read_and_cas(be: Memory
     stolen: list[str] = []
 
     def borrower(op: str, target: Key | str) -> None:
-        if op == "update" and target == blk_key and not stolen:
+        if block_write(op, target, blk_key) and not stolen:
             kv = be.raw().get(blk_key)
             blk = Block.from_spec(kv.value["spec"])
             (o,) = blk.auto_assign(1, "other-node-handle", None)
@@ -466,7 +472,7 @@ async def test_conflicts_exhaust_the_retry_budget_cleanly(be: MemoryBackend) -> 
     blk_key = be.raw().items(KIND_IPAM_BLOCK)[0].key
 
     def always(op: str, target: Key | str) -> None:
-        if op == "update" and target == blk_key:
+        if block_write(op, target, blk_key):
             be.raw().touch(blk_key)
 
     be.hooks.append(always)
@@ -482,6 +488,7 @@ async def test_outcome_unknown_write_never_leaks_an_address(be: MemoryBackend) -
     c = client(be)
     await c.auto_assign(handle_id="warm", attrs={})
     orig_update = be.update
+    orig_txn = getattr(be, "txn_write", None)
     fired = []
 
     async def update(kv: KVPair) -> KVPair:
@@ -491,10 +498,21 @@ async def test_outcome_unknown_write_never_leaks_an_address(be: MemoryBackend) -
             raise Unavailable("connection reset after the write")
         return out
 
+    async def txn_write(ops: Any) -> Any:
+        assert orig_txn is not None
+        await orig_txn(ops)
+        fired.append(1)
+        raise Unavailable("connection reset after the transaction")
+
     be.update = update  # type: ignore[method-assign]
+    if orig_txn is not None:
+        be.txn_write = txn_write  # type: ignore[attr-defined]
     with pytest.raises(Unavailable):
         await c.auto_assign(handle_id="lost", attrs={})
     be.update = orig_update  # type: ignore[method-assign]
+    if orig_txn is not None:
+        be.txn_write = orig_txn  # type: ignore[attr-defined]
+    assert fired
     assert "lost" in allocations(be).values() and "lost" in handles(be)
     # The CNI DEL that follows a failed ADD cleans it up.
     assert len(await c.release_by_handle("lost")) == 1
@@ -550,7 +568,9 @@ async def test_block_deleted_under_its_affinity_is_recreated(be: MemoryBackend) 
 
 
 # -- round trips ---------------------------------------------------------------------------------------
-async def test_steady_state_round_trips(be: MemoryBackend) -> None:
+async def test_steady_state_round_trips() -> None:
+    be = MemoryBackend()
+    await add_pool(be, "p", "10.244.0.0/16")
     c = IPAMClient(be, node="n1", cache_ttl=3600.0)
     await c.auto_assign(handle_id="warm", attrs={})
     be.op_counts.clear()
@@ -567,3 +587,35 @@ async def test_steady_state_round_trips(be: MemoryBackend) -> None:
     be.op_counts.clear()
     await c1.release_by_handle("h1")
     assert dict(be.op_counts) == {("update", KIND_IPAM_BLOCK): 1, ("delete", KIND_IPAM_HANDLE): 1}
+
+
+async def test_a_full_block_ahead_costs_no_reads() -> None:
+    be = MemoryBackend()
+    await add_pool(be, "p", "10.9.0.0/24", block_size=30)
+    c = IPAMClient(be, node="n1", cache_ttl=3600.0)
+    await c.auto_assign(handle_id="fill", attrs={}, num_v4=5)  # one full block, one started
+    await c.auto_assign(handle_id="warm", attrs={})
+    be.op_counts.clear()
+    await c.auto_assign(handle_id="h", attrs={})
+    assert dict(be.op_counts) == {("create", KIND_IPAM_HANDLE): 1, ("update", KIND_IPAM_BLOCK): 1}
+    assert_consistent(be)
+
+
+async def test_steady_state_round_trips_with_transactions() -> None:
+    be = MemoryTxnBackend()
+    await add_pool(be, "p", "10.244.0.0/16")
+    c = IPAMClient(be, node="n1", cache_ttl=3600.0, two_phase_delete=False)  # as on etcd
+    await c.auto_assign(handle_id="warm", attrs={})
+    be.op_counts.clear()
+    (ip,) = await c.auto_assign(handle_id="h", attrs={})
+    assert dict(be.op_counts) == {("txn", "txn"): 1}
+    be.op_counts.clear()
+    assert await c.release_by_handle("h") == [ip.ip]
+    assert dict(be.op_counts) == {("txn", "txn"): 1}
+    assert "h" not in handles(be) and str(ip.ip) not in allocations(be)
+    # A handle that already exists makes the transaction fail; the step-by-step path takes over.
+    hk = Key(KIND_IPAM_HANDLE, "pre")
+    be.raw().create(hk, new_resource(hk, {"handleID": "pre", "block": {}, "deleted": False}))
+    (ip2,) = await c.auto_assign(handle_id="pre", attrs={})
+    assert handles(be)["pre"] == {str(ip2.network): 1}
+    assert_consistent(be)

@@ -39,6 +39,7 @@ from felixpy.dataplane.shims.netlink import (
     AF_INET,
     AF_INET6,
     RT_SCOPE_LINK,
+    RT_SCOPE_UNIVERSE,
     RT_TABLE_MAIN,
     RTN_NAMES,
     IPNetwork,
@@ -53,6 +54,7 @@ OwnerId = tuple[str, str]  # ("iface", ifname) or ("owner", name)
 
 _IFACE = "iface"
 _EMPTY: dict[RouteKey, Route] = {}
+_V6_DEFAULT_METRIC = 1024  # the kernel gives IPv6 routes without a metric this one (IP6_RT_PRIO_USER)
 _OWNER = "owner"
 _LINK_DUMP_THRESHOLD = 32  # refresh more interfaces than this with one dump instead of one lookup each
 
@@ -126,6 +128,8 @@ class RouteTable:
             if isinstance(item, Route):
                 r = item._replace(table=table, oif=None)
                 self._validate(r)
+                if version == 6:
+                    r = _as_kernel_v6(r)
                 if r.protocol not in self.owned_protocols and not ours_by_name:
                     raise ValueError(f"route {r.describe()} dev {ifname} would not be recognised as ours "
                                      f"after a restart (protocol not in {sorted(self.owned_protocols)}, "
@@ -137,8 +141,9 @@ class RouteTable:
                     raise ValueError(f"routes via {ifname} would not be recognised as ours after a restart: "
                                      f"protocol {proto} is not owned and the name does not start with "
                                      f"{self.iface_prefixes}")
-                desired[(table, version, int(item.network_address), item.prefixlen, 0, 0)] = tuple.__new__(
-                    Route, (item, table, proto, RT_SCOPE_LINK, "unicast", None, None, False, 0, 0))
+                metric, scope = (_V6_DEFAULT_METRIC, RT_SCOPE_UNIVERSE) if version == 6 else (0, RT_SCOPE_LINK)
+                desired[(table, version, int(item.network_address), item.prefixlen, 0, metric)] = tuple.__new__(
+                    Route, (item, table, proto, scope, "unicast", None, None, False, metric, 0))
             else:
                 raise ValueError(f"route for {ifname}: expected a Route or an IPv{version} network, "
                                  f"got {item!r}")
@@ -154,6 +159,8 @@ class RouteTable:
                 raise ValueError(f"routes of {owner!r} must be Route objects, got {item!r}")
             r = item._replace(table=self.table)
             self._validate(r)
+            if self._version == 6:
+                r = _as_kernel_v6(r)
             if r.protocol not in self.owned_protocols:
                 raise ValueError(f"route {r.describe()} of {owner!r} would not be recognised as ours after a "
                                  f"restart: use one of protocols {sorted(self.owned_protocols)}")
@@ -442,6 +449,12 @@ class RouteTable:
                         len(errors), len(adds) + len(dels), errors[0])
             if any(e.errno == errno.ENOBUFS for e in errors):
                 self._resync = True  # replies were lost: re-read the kernel
+
+
+def _as_kernel_v6(r: Route) -> Route:
+    """An IPv6 route as the kernel reports it back: it has no route scopes (always universe) and
+    gives routes without a metric 1024. Desired routes are stored this way so re-dumps compare equal."""
+    return r._replace(scope=RT_SCOPE_UNIVERSE, metric=r.metric or _V6_DEFAULT_METRIC)
 
 
 def _precedence(oid: OwnerId) -> tuple[bool, str]:
