@@ -24,6 +24,7 @@ from felixpy.dataplane.shims.netlink import (
     Monitor,
     Netlink,
     NetlinkError,
+    Overflow,
     Route,
     RouteEvent,
 )
@@ -316,3 +317,29 @@ def test_subscribe_uses_the_same_netns(ns: str, nl: Netlink) -> None:
         ip(ns, "link", "add", "calisub", "type", "veth", "peer", "name", "peersub")
         names = {e.link.name for e in mon.read_events() if isinstance(e, LinkEvent)}
         assert "calisub" in names
+
+
+def test_monitor_overflow_is_reported(ns: str, nl: Netlink) -> None:
+    idx = veth(ns, "caliovf", "peerovf")
+    with Monitor([RTNLGRP_IPV4_ROUTE], netns=f"/run/netns/{ns}", rcvbuf=1024) as mon:
+        many = [Route(N((0x0A500000 + i, 32)), protocol=80, scope=RT_SCOPE_LINK, oif=idx) for i in range(500)]
+        assert nl.apply_routes(many, []) == []
+        events = mon.read_events()
+        assert any(isinstance(e, Overflow) for e in events)
+        assert nl.apply_routes([], many) == []
+        assert mon.drain_owned_route_changes(("cali",)) is True  # an overflow means "anything changed"
+        assert mon.read_events() == []
+
+
+def test_lost_replies_are_reported_not_swallowed(ns: str) -> None:
+    # A receive buffer far too small for 2000 error replies: the kernel drops some and then every
+    # reply until the queue is drained. Every failed route must still come back as an error
+    # (ENOBUFS where the reply was lost), and the call must not hang waiting for a dropped ack.
+    with Netlink(f"/run/netns/{ns}", rcvbuf=1024, timeout=20) as small:
+        bad = [Route(N((0x0A600000 + i, 32)), protocol=80, scope=RT_SCOPE_LINK, oif=99999) for i in range(2000)]
+        errors = small.apply_routes(bad, [])
+        assert len(errors) == 2000
+        assert {e.errno for e in errors} <= {errno.ENODEV, errno.ENOBUFS}
+        assert any(e.errno == errno.ENOBUFS for e in errors)
+        # The socket is still usable afterwards.
+        assert [ln.name for ln in small.links()] == ["lo"]

@@ -273,3 +273,20 @@ def test_ipv6_table_keeps_kernel_link_local_routes(ns: str, nl: Netlink) -> None
     assert (stats.adds, stats.dels) == (0, 0)
     assert any(line.startswith("fe80::/64 dev calia") for line in v6)
     assert any(line.startswith("fd00:99::/64 dev ext0") for line in v6)
+
+
+def test_iface_changed_reprograms_without_a_resync(ns: str, nl: Netlink) -> None:
+    rt = RouteTable(nl, removals_allowed=True)
+    rt.set_iface_routes("calia", [N("10.65.0.2/32")])
+    rt.apply()
+    ip(ns, "link", "del", "calia")
+    add_veth(ns, "calia")
+    rt.iface_changed("calia")  # what the agent's link monitor reports
+    stats = rt.apply()
+    assert (stats.adds, stats.resynced) == (1, False)
+    assert "10.65.0.2 dev calia proto 80 scope link" in routes(ns)
+    # Deleted by hand: the routes become pending until the link is back.
+    ip(ns, "link", "del", "calia")
+    rt.iface_changed("calia")
+    stats = rt.apply()
+    assert stats.pending == 1 and "does not exist" in rt.iface_problem("calia")

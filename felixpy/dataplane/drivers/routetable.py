@@ -18,7 +18,13 @@ program can leak.
 Kernel reads: the first apply, and any apply after ``queue_resync()``, dumps links and routes and
 trusts nothing cached; other applies trust the cache and only look at dirty keys (plus a by-name
 lookup of the interfaces whose routes changed, which catches a veth recreated with a new index).
-A restart is a non-event: routes already right are not touched.
+A restart is a non-event: routes already right are not touched. ``iface_changed(name)`` (from a link
+monitor) asks for such a lookup without a full resync. Errors on one route never block the others;
+failed routes stay dirty and are retried by the next apply.
+
+If two owners want the same key, interface routes win, then the lowest owner name. IPv6 routes are
+stored the way the kernel reports them (scope universe, metric 1024 when unset) so re-dumps compare
+equal and nothing churns.
 
 Removals: the driver never deletes anything until ``removals_allowed`` is set (``allow_removals()``).
 The agent must call it once the datastore is in sync; before that an empty desired state only means
@@ -219,6 +225,11 @@ class RouteTable:
                 return
         if self._claims.get(key) == oid:
             del self._claims[key]
+
+    def iface_changed(self, ifname: str) -> None:
+        """A link of that name appeared, vanished or was re-created (from the kernel monitor): look
+        its index up again on the next apply. Much cheaper than ``queue_resync`` for link events."""
+        self._dirty_ifaces.add(ifname)
 
     def queue_resync(self) -> None:
         """The next apply re-reads links and routes from the kernel instead of trusting the cache."""

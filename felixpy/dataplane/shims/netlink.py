@@ -9,9 +9,10 @@ Namespaces: ``Netlink(netns)`` takes ``None`` (the calling thread's netns), a pa
 ``/proc/<pid>/ns/net``, a containerd bind mount) or an open netns fd. The socket is created inside the
 target netns (setns in, ``socket()``, setns back, all in the calling thread) and stays bound to it.
 
-API (all raise :class:`NetlinkError`, an ``OSError`` whose message names the operation and object)::
+API (all raise :class:`NetlinkError`, an ``OSError`` whose message names the operation and object;
+bad input raises ``ValueError`` before anything is sent; ``apply_routes`` reports it per route)::
 
-    nl = Netlink(netns=None)
+    nl = Netlink(netns=None, *, rcvbuf=8 MiB, sndbuf=4 MiB, timeout=30.0)   # also a context manager
     nl.links() -> list[Link];  nl.link(name_or_index) -> Link | None
     nl.add_veth(name, peer_name, *, peer_netns_fd=None, mtu=None, mac=None, peer_mac=None, up=False)
     nl.set_link(index, *, up=None, mtu=None, mac=None, name=None, netns_fd=None)
@@ -21,12 +22,22 @@ API (all raise :class:`NetlinkError`, an ``OSError`` whose message names the ope
     nl.add_route(route, *, replace=True);  nl.del_route(route) -> bool   # False if it did not exist
     nl.apply_routes(add, delete, *, replace=True, ifnames=None) -> list[NetlinkError]   # bulk
     nl.add_neigh(index, ip, mac, *, permanent=True);  nl.del_neigh(index, ip) -> bool;  nl.neighs(index)
-    Monitor(groups=(RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE), netns=None): fileno(), read_events(), ...
+    nl.subscribe(groups) -> Monitor   # same netns as nl
+    Monitor(groups=(RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE), *, netns=None): non-blocking, for loop.add_reader:
+        fileno(); read_events() -> list[LinkEvent | RouteEvent | Overflow];
+        drain_owned_route_changes(iface_prefixes, protocols=(80,)) -> bool; ifname(index)
 
 Bulk routes (:meth:`Netlink.apply_routes`) put ~1000 requests in one ``send`` *without* ``NLM_F_ACK``
 and end each chunk with an ``NLMSG_NOOP`` request that has it: the kernel processes a netlink send
 synchronously and always reports errors, so the NOOP's ack proves every earlier request ran, and
-only failures cost a reply. Each failure is mapped back to its route by sequence number.
+only failures cost a reply. Each failure is mapped back to its route by sequence number. If replies
+are lost (receive queue overflow, ENOBUFS) the unconfirmed routes are reported as ENOBUFS errors
+rather than guessed. A replace with identical attributes is a no-op in the kernel (no notification),
+so re-applying a route that is already right causes no churn.
+
+Kernel facts this relies on (6.18): a filtered dump of a table that does not exist yet fails with
+ENOENT (we return ``[]``); the veth peer cannot be set up in the create request (ENOTCONN); onlink
+gateways are checked against the local table, which a fresh netns only has once ``lo`` is up.
 
 :class:`Route` is a ``NamedTuple`` rather than a frozen dataclass on purpose: the driver builds, hashes
 and compares tens of thousands of them per resync, and tuples do that in C.
@@ -41,7 +52,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -486,9 +497,12 @@ class Netlink:
     """An rtnetlink socket bound to one network namespace. See the module docstring for the API."""
 
     def __init__(self, netns: str | int | None = None, *, rcvbuf: int = 8 << 20,
-                 sndbuf: int = 4 << 20) -> None:
+                 sndbuf: int = 4 << 20, timeout: float = 30.0) -> None:
         self.netns = netns
         self._sock = _open_socket(netns, rcvbuf, sndbuf)
+        # A kernel reply never takes seconds; the timeout turns a lost reply into an error, not a hang.
+        self._timeout = timeout
+        self._sock.settimeout(timeout)
         self._seq = 0
         self._lock = threading.Lock()
 
@@ -531,7 +545,10 @@ class Netlink:
             interrupted = False
             done = False
             while not done:
-                buf = self._sock.recv(_RECV_BUF)
+                try:
+                    buf = self._sock.recv(_RECV_BUF)
+                except TimeoutError:
+                    raise NetlinkError(_errno.ETIMEDOUT, op, "no reply from the kernel") from None
                 n = len(buf)
                 off = 0
                 while off + 16 <= n:
@@ -757,22 +774,11 @@ class Netlink:
         barrier = base + n
         msgs.append(_NLMSGHDR.pack(16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, barrier, 0))
         self._sock.send(b"".join(msgs))
-        lost = False
-        while True:
-            try:
-                buf = self._sock.recv(_RECV_BUF)
-            except OSError as e:
-                if e.errno != _errno.ENOBUFS:
-                    raise
-                # Some replies were dropped: we cannot know which requests failed. Send a fresh
-                # barrier (its reply fits now) and report every unconfirmed request as unknown.
-                lost = True
-                barrier = self._next_seq()
-                self._sock.send(_NLMSGHDR.pack(16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, barrier, 0))
-                continue
-            n_read = len(buf)
-            off = 0
+
+        def scan(buf: bytes) -> bool:
+            """Record the errors in ``buf``; True once the barrier's ack is in."""
             finished = False
+            off, n_read = 0, len(buf)
             while off + 16 <= n_read:
                 mlen, mtype, mflags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
                 if mlen < 16:
@@ -785,12 +791,48 @@ class Netlink:
                         if err:
                             failed[mseq - base] = (err, _ext_ack_msg(buf, off + 16, off + mlen, mflags))
                 off += (mlen + 3) & ~3
-            if finished:
+            return finished
+
+        lost = False
+        while True:
+            try:
+                buf = self._sock.recv(_RECV_BUF)
+            except TimeoutError:
+                raise NetlinkError(_errno.ETIMEDOUT, "apply routes", "no reply from the kernel") from None
+            except OSError as e:
+                if e.errno != _errno.ENOBUFS:
+                    raise
+                # Replies were dropped, maybe the barrier's ack too, and the socket stays
+                # "congested" (dropping everything) until its queue is empty. The kernel handled
+                # our whole send synchronously, so everything that will ever arrive is queued:
+                # drain it, then send a fresh barrier, whose ack now gets through.
+                lost = True
+                for queued in self._drain_nowait():
+                    scan(queued)
+                barrier = self._next_seq()
+                self._sock.send(_NLMSGHDR.pack(16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, barrier, 0))
+                continue
+            if scan(buf):
                 break
         if lost:
+            # Successes are silent, so after a loss we cannot tell a success from a lost error.
             for i in range(n):
                 failed.setdefault(i, (_errno.ENOBUFS, "reply lost; state unknown, resync needed"))
         return failed
+
+    def _drain_nowait(self) -> Iterator[bytes]:
+        self._sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    yield self._sock.recv(_RECV_BUF)
+                except BlockingIOError:
+                    return
+                except OSError as e:
+                    if e.errno != _errno.ENOBUFS:
+                        raise
+        finally:
+            self._sock.settimeout(self._timeout)
 
     # neighbours ---------------------------------------------------------------------------------
     def add_neigh(self, index: int, ip: IPAddress, mac: str, *, permanent: bool = True) -> None:
