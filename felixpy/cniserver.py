@@ -27,7 +27,16 @@ from cni_plugin import spec
 from cni_plugin.spec import CniError, CniRequest
 from felixpy import metrics, names
 from felixpy.dataplane import workload
-from felixpy.datastore.api import KIND_WEP, Backend, DatastoreError, Key, NotFound, Resource, new_resource
+from felixpy.datastore.api import (
+    KIND_WEP,
+    AlreadyExists,
+    Backend,
+    DatastoreError,
+    Key,
+    NotFound,
+    Resource,
+    new_resource,
+)
 from felixpy.ipam import IPAMClient, IPAMError
 
 log = logging.getLogger(__name__)
@@ -218,14 +227,19 @@ class CniHandler:
         return new_resource(key, spec_, labels=labels)
 
     async def _write_wep(self, key: Key, wep: Resource) -> str:
-        """Create or overwrite the WEP (KDD: patches the Pod's status annotations). Returns the revision."""
+        """Create or overwrite the WEP (KDD: patches the Pod's status annotations). Returns the revision.
+
+        Create first: in KDD it is the pod patch itself, and in etcd a first ADD has no WEP yet, so the
+        common case costs one round trip; only an existing WEP (etcd) needs the read + CAS update.
+        """
         b = self.h.backend
+        last: DatastoreError | None = None
         for _ in range(5):
             try:
                 try:
-                    cur = await b.get(key)
-                except NotFound:
                     return (await b.create(key, wep)).revision
+                except AlreadyExists:
+                    cur = await b.get(key)
                 cur.value = {**cur.value, "spec": wep["spec"],
                              "metadata": {**cur.value.get("metadata", {}),
                                           "labels": {**(cur.value.get("metadata", {}).get("labels") or {}),

@@ -3,6 +3,8 @@ have no pod are dropped here instead of following a default route back out."""
 
 from __future__ import annotations
 
+import ipaddress
+
 from felixpy import metrics, names
 from felixpy.calc.messages import LocalBlockRemove, LocalBlockUpdate, Message
 from felixpy.dataplane.drivers.routetable import RouteTable
@@ -14,7 +16,7 @@ OWNER = "local-blocks"
 class BlockRouteManager:
     def __init__(self, route_table: RouteTable) -> None:
         self._rt = route_table
-        self._blocks: set[object] = set()
+        self._blocks: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
         self._dirty = False
 
     def on_update(self, msg: Message) -> None:
@@ -29,7 +31,7 @@ class BlockRouteManager:
         if not self._dirty:
             return
         self._dirty = False
-        routes = [Route(dst=c, protocol=names.RTPROT_FELIX, type="blackhole")  # type: ignore[arg-type]
-                  for c in sorted(self._blocks, key=str) if c.version == 4]  # type: ignore[attr-defined]
+        routes = [Route(dst=c, protocol=names.RTPROT_FELIX, type="blackhole")
+                  for c in sorted(self._blocks, key=str) if c.version == 4]
         self._rt.set_routes(OWNER, routes)
         metrics.local_blocks.set(len(self._blocks))

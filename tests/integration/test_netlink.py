@@ -42,21 +42,6 @@ def ip(ns: str, *args: str) -> str:
 
 
 @pytest.fixture
-def make_ns() -> Iterator[Callable[[], str]]:
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"{RUN}-{len(made)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-@pytest.fixture
 def ns(make_ns: Callable[[], str]) -> str:
     return make_ns()
 

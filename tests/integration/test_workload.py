@@ -10,7 +10,7 @@ import ipaddress
 import os
 import secrets
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -35,21 +35,6 @@ def sysctl(ns: str, *keys: str) -> list[str]:
     out = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", *keys], check=True, capture_output=True,
                          text=True).stdout
     return out.split()
-
-
-@pytest.fixture
-def make_ns() -> Iterator[Callable[[], str]]:
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"{RUN}-{len(made)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture
