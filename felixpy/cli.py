@@ -18,13 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     inst.add_argument("--bin-dir", default=None)
     inst.add_argument("--net-dir", default=None)
     inst.add_argument("--kubeconfig-from", default="", help="kubeconfig file to copy for the CNI plugin")
-    lab = sub.add_parser("lab", help="a one-node lab on this machine (local etcd, agent, two pods)")
-    lab_sub = lab.add_subparsers(dest="lab_cmd", required=True)
-    up = lab_sub.add_parser("up")
-    up.add_argument("--pods", type=int, default=2)
-    up.add_argument("--pool", default="10.244.0.0/16")
-    lab_sub.add_parser("down")
-    lab_sub.add_parser("status")
+    lab = sub.add_parser("lab", help="a multi-node lab on this machine (see `felixpy lab --help`)", add_help=False)
+    lab.add_argument("lab_args", nargs=argparse.REMAINDER)
+    sc = sub.add_parser("bgp-sidecar", help="supervise the ExaBGP sidecar (runs the config the agent writes)")
+    sc.add_argument("--dir", default=os.environ.get("FELIXPY_BGP_DIR", "/var/run/calico/bgp"))
+    sub.add_parser("route-reflector", help="run a BIRD route reflector configured from the datastore")
     args = p.parse_args(argv)
 
     if args.cmd == "agent":
@@ -53,11 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "lab":
         from felixpy import lab as lab_mod
 
-        if args.lab_cmd == "up":
-            return lab_mod.up(pods=args.pods, pool=args.pool)
-        if args.lab_cmd == "down":
-            return lab_mod.down()
-        return lab_mod.status()
+        return lab_mod.main(list(args.lab_args))
+    if args.cmd == "bgp-sidecar":
+        from bgp.sidecar import main as sidecar_main
+
+        return sidecar_main(["--dir", args.dir])
+    if args.cmd == "route-reflector":
+        from felixpy.rrcmd import run_route_reflector_cmd
+
+        return run_route_reflector_cmd()
     return 2
 
 

@@ -80,7 +80,18 @@ class Config:
     interface_prefix: str = names.IFACE_PREFIX
     veth_mtu: int = 0  # 0 = auto-detect from host interfaces
     log_severity: str = "INFO"
+    # Node identity and routing (calico-node startup).
+    ip: str = "autodetect"  # IP: autodetect | <ip or cidr> | none
+    ip_autodetection_method: str = "first-found"
+    networking_backend: str = "bird"  # CALICO_NETWORKING_BACKEND: bird | vxlan | none
+    as_number: int | None = None  # AS: this node's AS (else BGPConfiguration's, else 64512)
+    router_id: str = ""  # CALICO_ROUTER_ID: "" (node IP) | hash | <ipv4>
+    vxlan_mtu: int = 0  # FELIX_VXLANMTU (0 = host MTU - 50)
+    ipip_mtu: int = 0  # FELIX_IPINIPMTU (0 = host MTU - 20)
+    mtu_iface_pattern: str = r"^((en|wl|ww|sl|ib)[Pcopsvx].*|(eth|wlan|wwan).*)"
+    nat_backend: str = "nftables"  # nftables | iptables (FELIX_NFTABLESMODE=Disabled)
     # felixpy specific.
+    bgp_dir: str = "/var/run/calico/bgp"  # FELIXPY_BGP_DIR: ExaBGP config + the relay's socket
     cni_socket: str = names.DEFAULT_CNI_SOCKET
     state_dir: str = "/var/lib/calico"
     extra: dict[str, str] = field(default_factory=dict)
@@ -132,12 +143,40 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         c.route_refresh_interval = _seconds(fx["routerefreshinterval"], "FELIX_ROUTEREFRESHINTERVAL")
     if "interfaceprefix" in fx:
         c.interface_prefix = fx["interfaceprefix"]
-    for var in ("FELIXPY_VETH_MTU", "FELIX_VXLANMTU", "FELIX_IPINIPMTU"):
-        # The manifests feed configmap veth_mtu into these; the first non-zero one wins.
-        if e.get(var, "0") not in ("", "0"):
-            c.veth_mtu = _int(e[var], var, 68, 65535)
-            break
+    if e.get("FELIXPY_VETH_MTU", "0") not in ("", "0"):
+        # An explicit pod MTU; otherwise it is derived from the host MTU and the tunnel MTUs.
+        c.veth_mtu = _int(e["FELIXPY_VETH_MTU"], "FELIXPY_VETH_MTU", 68, 65535)
     c.log_severity = fx.get("logseverityscreen", c.log_severity).upper()
+    if e.get("IP"):
+        c.ip = e["IP"].strip()
+    c.ip_autodetection_method = e.get("IP_AUTODETECTION_METHOD", "").strip() or c.ip_autodetection_method
+    backend = e.get("CALICO_NETWORKING_BACKEND", "").strip().lower()
+    if e.get("CALICO_NETWORKING", "").strip().lower() == "false":
+        backend = "none"
+    if backend:
+        if backend not in ("bird", "vxlan", "none"):
+            raise ConfigError(f"CALICO_NETWORKING_BACKEND: expected bird, vxlan or none, got {backend!r}")
+        c.networking_backend = backend
+    if e.get("AS", "").strip():
+        from felixpy.model.resources import InvalidResource, parse_asn
+
+        try:
+            c.as_number = parse_asn(e["AS"])
+        except InvalidResource as err:
+            raise ConfigError(f"AS: {err}") from None
+    c.router_id = e.get("CALICO_ROUTER_ID", "").strip()
+    if "vxlanmtu" in fx and fx["vxlanmtu"] not in ("", "0"):
+        c.vxlan_mtu = _int(fx["vxlanmtu"], "FELIX_VXLANMTU", 68, 65535)
+    if "ipinipmtu" in fx and fx["ipinipmtu"] not in ("", "0"):
+        c.ipip_mtu = _int(fx["ipinipmtu"], "FELIX_IPINIPMTU", 68, 65535)
+    c.mtu_iface_pattern = fx.get("mtuifacepattern", c.mtu_iface_pattern)
+    # Felix's NFTablesMode: Disabled selects the iptables backend; Enabled/Auto keep nftables (our default).
+    nft_mode = fx.get("nftablesmode", "").strip().lower()
+    if nft_mode not in ("", "enabled", "disabled", "auto"):
+        raise ConfigError(f"FELIX_NFTABLESMODE: expected Enabled, Disabled or Auto, got {fx['nftablesmode']!r}")
+    if nft_mode == "disabled":
+        c.nat_backend = "iptables"
+    c.bgp_dir = e.get("FELIXPY_BGP_DIR", c.bgp_dir)
     c.cni_socket = e.get("FELIXPY_CNI_SOCKET", c.cni_socket)
     c.state_dir = e.get("FELIXPY_STATE_DIR", c.state_dir)
     return c

@@ -34,6 +34,32 @@ invalid_resources = Counter("felixpy_invalid_resources", "Malformed datastore re
                             registry=REGISTRY)
 kernel_capability = Gauge("felixpy_kernel_capability", "Kernel features detected (1 present, 0 absent).",
                           ["feature"], registry=REGISTRY)
+bgp_peer_up = Gauge("felixpy_bgp_peer_established", "1 when the BGP session to the peer is established.",
+                    ["peer", "name"], registry=REGISTRY)
+bgp_peer_received = Gauge("felixpy_bgp_peer_prefixes_received", "Prefixes received from the BGP peer.",
+                          ["peer", "name"], registry=REGISTRY)
+bgp_routes_learned = Gauge("felixpy_bgp_routes_learned", "Prefixes learned over BGP (best paths).",
+                           registry=REGISTRY)
+bgp_routes_installed = Gauge("felixpy_bgp_routes_installed",
+                             "BGP-learned prefixes that passed the import rules.", registry=REGISTRY)
+_bgp_peers_seen: set[tuple[str, str]] = set()
+
+
+def set_bgp_status(peers: list[dict[str, object]], *, learned: int, installed: int) -> None:
+    global _bgp_peers_seen
+    seen = set()
+    for p in peers:
+        labels = (str(p.get("address")), str(p.get("name")))
+        seen.add(labels)
+        bgp_peer_up.labels(*labels).set(1 if p.get("state") == "established" else 0)
+        received = p.get("received")
+        bgp_peer_received.labels(*labels).set(float(received) if isinstance(received, int | float) else 0.0)
+    for labels in _bgp_peers_seen - seen:  # peers that were removed from the config
+        bgp_peer_up.remove(*labels)
+        bgp_peer_received.remove(*labels)
+    _bgp_peers_seen = seen
+    bgp_routes_learned.set(learned)
+    bgp_routes_installed.set(installed)
 
 
 def render() -> bytes:

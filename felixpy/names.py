@@ -8,9 +8,11 @@ over a node from calico-node (and back). Never change them.
 | links ``cali*``                        | CNI path creates, agent adopts         | name prefix ``cali``           |
 | routes on ``cali*`` links (main table) | dataplane route driver (endpoints)     | oif is a ``cali*`` link        |
 | blackhole routes for affine blocks     | dataplane route driver (blocks)        | ``proto 80``, type blackhole   |
-| routes learned over BGP                | BGP route driver (issue 3)             | ``proto 12`` (bird)            |
-| ``vxlan.calico`` link and its routes   | VXLAN manager (issue 3)                | link name                      |
-| nft table ``inet calico``              | policy driver (issue 4)                | table name                     |
+| routes learned over BGP                | BGP route manager (route driver)       | ``proto 12`` (bird)            |
+| routes on ``vxlan.calico``, ``tunl0``  | tunnel managers (route driver)         | link name (and ``proto 80``)   |
+| ``vxlan.calico`` link, its ARP and FDB | VXLAN device driver                    | link name                      |
+| ``tunl0`` address and MTU              | IPIP device driver                     | link name                      |
+| nft table ``ip calico``                | nftables driver (NAT now, policy next) | table name                     |
 """
 
 from __future__ import annotations
@@ -55,3 +57,13 @@ def ipam_handle(network_name: str, container_id: str) -> str:
 def wep_name(node: str, orchestrator: str, workload: str, endpoint: str) -> str:
     """Calico's WorkloadEndpoint name: segments joined by '-' with every '-' inside a segment doubled."""
     return "-".join(s.replace("-", "--") for s in (node, orchestrator, workload, endpoint))
+
+
+def vtep_mac(nodename: str) -> str:
+    """Calico's VTEP MAC when the Node has none: 0x66 ('f') then the first 5 bytes of sha1(nodename)."""
+    b = b"f" + hashlib.sha1(nodename.encode()).digest()[:5]
+    return ":".join(f"{x:02x}" for x in b)
+
+
+VXLAN_TUNNEL_HANDLE = "vxlan-tunnel-addr-{node}"  # IPAM handles of the tunnel addresses, as Calico names them
+IPIP_TUNNEL_HANDLE = "ipip-tunnel-addr-{node}"

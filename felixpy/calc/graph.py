@@ -8,6 +8,7 @@ removals first (so an address moving between endpoints is released before it is 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable
 
@@ -19,10 +20,22 @@ from felixpy.calc.messages import (
     WorkloadEndpointRemove,
     WorkloadEndpointUpdate,
 )
+from felixpy.calc.bgp_calc import BgpCalculator
 from felixpy.calc.overlay import LocalOverlay
-from felixpy.datastore.api import KIND_IPAM_BLOCK, KIND_WEP, Key, Resource
+from felixpy.calc.routes import RouteResolver
+from felixpy.datastore.api import (
+    KIND_BGP_CONFIG,
+    KIND_BGP_PEER,
+    KIND_IPAM_BLOCK,
+    KIND_IPPOOL,
+    KIND_NODE,
+    KIND_WEP,
+    Key,
+    Resource,
+)
 from felixpy.datastore.syncer import Update
-from felixpy.model.resources import InvalidResource, parse_block, parse_wep
+from felixpy.ipam.pools import InvalidPoolError, parse_pool
+from felixpy.model.resources import InvalidResource, parse_block, parse_node, parse_wep
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +43,8 @@ _Derived = WorkloadEndpointUpdate | LocalBlockUpdate
 
 
 class CalcGraph:
-    def __init__(self, node: str, *, overlay_ttl: float = 60.0) -> None:
+    def __init__(self, node: str, *, overlay_ttl: float = 60.0, router_id_setting: str = "",
+                 bgp_enabled: bool = False) -> None:
         self.node = node
         self._synced: dict[Key, Resource] = {}
         self.overlay = LocalOverlay(overlay_ttl)
@@ -38,11 +52,18 @@ class CalcGraph:
         self._dirty: set[Key] = set()
         self._in_sync_pending = False
         self.invalid_resources = 0
+        self.routes = RouteResolver(node)
+        self.bgp = BgpCalculator(node, router_id_setting=router_id_setting, enabled=bgp_enabled)
 
     # -- inputs -------------------------------------------------------------------------------------
     def on_updates(self, updates: Iterable[Update]) -> None:
         for u in updates:
-            if u.key.kind not in (KIND_WEP, KIND_IPAM_BLOCK):
+            kind = u.key.kind
+            if kind in (KIND_NODE, KIND_IPPOOL, KIND_IPAM_BLOCK):
+                self._route_input(u)
+            if kind in (KIND_NODE, KIND_IPPOOL, KIND_BGP_CONFIG, KIND_BGP_PEER):
+                self._bgp_input(u)
+            if kind not in (KIND_WEP, KIND_IPAM_BLOCK):
                 continue
             if u.value is None:
                 self._synced.pop(u.key, None)
@@ -50,6 +71,65 @@ class CalcGraph:
                 self._synced[u.key] = u.value
             if not self.overlay.shadows(u.key, u.value, u.revision):
                 self._dirty.add(u.key)
+
+    def _route_input(self, u: Update) -> None:
+        key, value = u.key, u.value
+        try:
+            if key.kind == KIND_NODE:
+                self.routes.set_node(key.name, parse_node(value) if value is not None else None)
+            elif key.kind == KIND_IPPOOL:
+                self.routes.set_pool(key.name, parse_pool(value) if value is not None else None)
+            else:
+                self.routes.set_block(key, parse_block(value) if value is not None else None)
+        except (InvalidResource, InvalidPoolError) as e:
+            self.invalid_resources += 1
+            log.error("skipping malformed %s: %s", key, e)
+            if key.kind == KIND_NODE:
+                self.routes.set_node(key.name, None)
+            elif key.kind == KIND_IPPOOL:
+                self.routes.set_pool(key.name, None)
+            else:
+                self.routes.set_block(key, None)
+
+    def _bgp_input(self, u: Update) -> None:
+        from bgp import peers as bgp_peers
+
+        key, value = u.key, u.value
+        b = self.bgp
+        b.mark_dirty()
+        try:
+            if key.kind == KIND_NODE:
+                if value is None:
+                    b.nodes.pop(key.name, None)
+                else:
+                    b.nodes[key.name] = bgp_peers.parse_bgp_node(value)
+            elif key.kind == KIND_IPPOOL:
+                if value is None:
+                    b.pools.pop(key.name, None)
+                else:
+                    b.pools[key.name] = parse_pool(value)
+            elif key.kind == KIND_BGP_CONFIG:
+                if value is None:
+                    b.configs.pop(key.name, None)
+                else:
+                    b.configs[key.name] = bgp_peers.parse_bgp_configuration(value)
+            elif value is None:
+                b.peer_rules.pop(key.name, None)
+            else:
+                b.peer_rules[key.name] = bgp_peers.parse_bgp_peer(value)
+        except (ValueError, InvalidResource, InvalidPoolError) as e:
+            if key.kind in (KIND_BGP_CONFIG, KIND_BGP_PEER):  # Nodes and pools are counted once, above
+                self.invalid_resources += 1
+            log.error("skipping malformed %s for BGP: %s", key, e)
+            # Treat it as absent: a node or peer we cannot read must not keep a stale session.
+            if key.kind == KIND_NODE:
+                b.nodes.pop(key.name, None)
+            elif key.kind == KIND_IPPOOL:
+                b.pools.pop(key.name, None)
+            elif key.kind == KIND_BGP_CONFIG:
+                b.configs.pop(key.name, None)
+            else:
+                b.peer_rules.pop(key.name, None)
 
     def on_in_sync(self) -> None:
         self._in_sync_pending = True
@@ -112,7 +192,18 @@ class CalcGraph:
                 self._emitted[key] = new
                 updates.append(new)
         self._dirty.clear()
-        out = removes + updates
+        r_removes, r_updates = self.routes.flush()
+        for m in removes + updates:
+            if isinstance(m, LocalBlockUpdate) and isinstance(m.cidr, ipaddress.IPv4Network):
+                self.bgp.local_blocks.add(m.cidr)
+                self.bgp.mark_dirty()
+            elif isinstance(m, LocalBlockRemove) and isinstance(m.cidr, ipaddress.IPv4Network):
+                self.bgp.local_blocks.discard(m.cidr)
+                self.bgp.mark_dirty()
+        bgp_msgs = self.bgp.flush()
+        # Route removals go before endpoint/block removals' counterpart updates; route updates last, so
+        # pools and tunnel devices are known before the routes that use them.
+        out = r_removes + removes + r_updates + updates + bgp_msgs
         if self._in_sync_pending:
             out.append(InSync())
             self._in_sync_pending = False

@@ -102,10 +102,17 @@ class Dataplane:
                 self.in_sync = True
             for mgr in self._managers:
                 mgr.on_update(m)
-        for mgr in self._managers:
-            mgr.complete_deferred_work()
-        for d in self._drivers:
-            d.apply()
+        # One failing manager or driver must not starve the others (a missing tunnel device must not
+        # stop workload routes): run them all, then report the first failure so the loop retries.
+        failures: list[BaseException] = []
+        for step in [m.complete_deferred_work for m in self._managers] + [d.apply for d in self._drivers]:
+            try:
+                step()
+            except Exception as e:
+                log.exception("dataplane step %s failed", getattr(step, "__qualname__", step))
+                failures.append(e)
+        if failures:
+            raise failures[0]
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

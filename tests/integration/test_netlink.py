@@ -17,6 +17,7 @@ import pytest
 
 from felixpy.dataplane.shims import netns
 from felixpy.dataplane.shims.netlink import (
+    IPIP_MISSING,
     RT_SCOPE_LINK,
     RTNLGRP_IPV4_ROUTE,
     RTNLGRP_LINK,
@@ -27,6 +28,7 @@ from felixpy.dataplane.shims.netlink import (
     Overflow,
     Route,
     RouteEvent,
+    VxlanInfo,
 )
 
 pytestmark = [pytest.mark.root,
@@ -328,3 +330,101 @@ def test_lost_replies_are_reported_not_swallowed(ns: str) -> None:
         assert any(e.errno == errno.ENOBUFS for e in errors)
         # The socket is still usable afterwards.
         assert [ln.name for ln in small.links()] == ["lo"]
+
+
+# -- tunnels: vxlan links, FDB entries, IPIP ------------------------------------------------------
+def test_vxlan_link_round_trip(ns: str, nl: Netlink) -> None:
+    parent = veth(ns, "vxpar", "vxparb")
+    nl.add_vxlan("vxlan.calico", vni=4096, port=4789, local=A("10.96.0.1"), parent_index=parent, mtu=1450,
+                 mac="66:01:02:03:04:05", up=True)
+    text = ip(ns, "-d", "link", "show", "vxlan.calico")
+    assert "vxlan id 4096 local 10.96.0.1 dev vxpar" in text and "dstport 4789 nolearning" in text
+    assert "mtu 1450" in text and "66:01:02:03:04:05" in text and ",UP" in text
+    link = nl.link("vxlan.calico")
+    assert link is not None and link.kind == "vxlan" and link.up
+    assert link.vxlan == VxlanInfo(vni=4096, port=4789, local=A("10.96.0.1"), link=parent, learning=False)
+    # Links made by iproute2 parse the same way; plain links have no vxlan info.
+    ip(ns, "link", "add", "vx2", "type", "vxlan", "id", "7", "dstport", "8472", "learning")
+    vx2 = nl.link("vx2")
+    assert vx2 is not None and vx2.vxlan == VxlanInfo(vni=7, port=8472, local=None, link=None, learning=True)
+    assert nl.link("vxpar") is not None and nl.link("vxpar").vxlan is None  # type: ignore[union-attr]
+    with pytest.raises(NetlinkError) as ei:
+        nl.add_vxlan("vx2", vni=8)
+    assert ei.value.errno == errno.EEXIST and "add vxlan vx2 vni 8" in str(ei.value)
+    with pytest.raises(ValueError, match="VNI"):
+        nl.add_vxlan("vx3", vni=1 << 24)
+    with pytest.raises(ValueError, match="port"):
+        nl.add_vxlan("vx3", vni=1, port=0)
+    assert nl.link("vx3") is None
+
+
+def test_fdb_entries_and_arp_on_vxlan(ns: str, nl: Netlink) -> None:
+    ip(ns, "link", "add", "vxfdb", "type", "vxlan", "id", "4096", "dstport", "4789", "nolearning")
+    idx = _index(ns, "vxfdb")
+    mac = "66:aa:bb:cc:dd:01"
+    nl.add_fdb(idx, mac, A("10.96.0.2"))
+    nl.add_fdb(idx, mac, A("10.96.0.2"))  # same again: no error, no duplicate
+    assert f"{mac} dst 10.96.0.2 self permanent" in subprocess.run(
+        ["bridge", "-n", ns, "fdb", "show", "dev", "vxfdb"], check=True, capture_output=True, text=True).stdout
+    got = nl.fdbs(idx)
+    assert [(f.mac, f.dst, f.permanent, f.index) for f in got] == [(mac, A("10.96.0.2"), True, idx)]
+    # A unicast MAC has one destination: adding it again moves it (the VTEP's node IP changed).
+    nl.add_fdb(idx, mac, A("10.96.0.3"))
+    assert [(f.mac, f.dst) for f in nl.fdbs(idx)] == [(mac, A("10.96.0.3"))]
+    # Entries written by iproute2 are listed too; the filter keeps other links' entries out.
+    subprocess.run(["bridge", "-n", ns, "fdb", "add", "66:aa:bb:cc:dd:02", "dev", "vxfdb", "dst", "10.96.0.4",
+                    "self", "permanent"], check=True)
+    assert {(f.mac, f.dst) for f in nl.fdbs(idx)} == {(mac, A("10.96.0.3")), ("66:aa:bb:cc:dd:02", A("10.96.0.4"))}
+    assert all(f.index == idx for f in nl.fdbs(idx))
+    assert {f.mac for f in nl.fdbs() if f.index == idx} == {mac, "66:aa:bb:cc:dd:02"}
+    # A wrong destination deletes nothing (the kernel still acks it, so the result says little).
+    nl.del_fdb(idx, mac, A("10.96.0.2"))
+    assert (mac, A("10.96.0.3")) in {(f.mac, f.dst) for f in nl.fdbs(idx)}
+    assert nl.del_fdb(idx, mac, A("10.96.0.3")) is True
+    assert nl.del_fdb(idx, mac, A("10.96.0.3")) is False
+    assert nl.del_fdb(idx, "66:aa:bb:cc:dd:02") is True
+    assert nl.fdbs(idx) == []
+    with pytest.raises(ValueError, match="invalid MAC"):
+        nl.add_fdb(idx, "66:aa", A("10.96.0.3"))
+    # Permanent ARP entries work on a vxlan link like on any other.
+    nl.add_neigh(idx, A("10.244.1.0"), mac)
+    assert [(n.ip, n.mac, n.permanent) for n in nl.neighs(idx)] == [(A("10.244.1.0"), mac, True)]
+    assert f"10.244.1.0 lladdr {mac} PERMANENT" in ip(ns, "neigh", "show", "dev", "vxfdb")
+
+
+def test_route_get_resolves_next_hops(ns: str, nl: Netlink) -> None:
+    idx = veth(ns, "rgeta", "rgetb")
+    ip(ns, "link", "set", "lo", "up")
+    ip(ns, "addr", "add", "10.97.0.1/24", "dev", "rgeta")
+    assert nl.route_get(A("8.8.8.8")) is None  # no route at all
+    connected = nl.route_get(A("10.97.0.7"))
+    assert connected is not None and connected.oif == idx and connected.gateway is None
+    assert connected.dst == N("10.97.0.7/32")
+    # A next hop that is not directly connected resolves through its route (BIRD's "gateway recursive").
+    ip(ns, "route", "add", "10.98.0.0/16", "via", "10.97.0.254")
+    via = nl.route_get(A("10.98.3.4"))
+    assert via is not None and via.gateway == A("10.97.0.254") and via.oif == idx and via.type == "unicast"
+    local = nl.route_get(A("10.97.0.1"))
+    assert local is not None and local.type == "local"
+    ip(ns, "route", "add", "blackhole", "10.99.0.0/16")
+    ip(ns, "route", "add", "unreachable", "10.100.0.0/16")
+    assert nl.route_get(A("10.99.0.1")) is None
+    assert nl.route_get(A("10.100.0.1")) is None
+
+
+def test_ipip_probe_and_creation(ns: str, nl: Netlink) -> None:
+    ok, reason = nl.ipip_supported()
+    assert reason
+    print(f"IPIP support on this kernel: {ok} ({reason})")
+    if ok:
+        nl.add_ipip("fxipt1", remote=A("192.0.2.9"), mtu=1480)
+        link = nl.link("fxipt1")
+        assert link is not None and link.kind == "ipip" and link.mtu == 1480
+        assert nl.del_link("fxipt1") is True
+    else:
+        assert reason == IPIP_MISSING
+        with pytest.raises(NetlinkError) as ei:
+            nl.add_ipip()
+        assert ei.value.errno == errno.EOPNOTSUPP
+        assert "kernel has no IPIP support (ipip module missing)" in str(ei.value)
+    assert not any(ln.name.startswith("fxipip") for ln in nl.links())  # the probe leaves nothing behind

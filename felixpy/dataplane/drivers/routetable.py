@@ -327,6 +327,8 @@ class RouteTable:
             self._n_owned -= 1
 
     def _read_kernel(self) -> None:
+        # Cleared before the dump: a queue_resync() arriving (from the event loop) during it must not be lost.
+        self._resync = False
         links = self._nl.links()
         self._ifindex = {ln.name: ln.index for ln in links}
         self._ifname = {ln.index: ln.name for ln in links}
@@ -351,7 +353,6 @@ class RouteTable:
         self._dirty = set(self._claims)
         self._dirty.update(owned)
         self._dirty_ifaces.clear()
-        self._resync = False
 
     def apply(self) -> ApplyStats:
         stats = ApplyStats()

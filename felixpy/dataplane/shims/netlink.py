@@ -22,6 +22,13 @@ bad input raises ``ValueError`` before anything is sent; ``apply_routes`` report
     nl.add_route(route, *, replace=True);  nl.del_route(route) -> bool   # False if it did not exist
     nl.apply_routes(add, delete, *, replace=True, ifnames=None) -> list[NetlinkError]   # bulk
     nl.add_neigh(index, ip, mac, *, permanent=True);  nl.del_neigh(index, ip) -> bool;  nl.neighs(index)
+    nl.add_vxlan(name, *, vni, port=4789, local=None, parent_index=None, mtu=None, mac=None, learning=False,
+                 up=False)                                 # Link.vxlan: VxlanInfo of a dumped vxlan link
+    nl.add_ipip(name="tunl0", *, local=None, remote=None, parent_index=None, mtu=None, up=False)
+    nl.ipip_supported() -> (bool, reason)   # also ipip_supported(nl); add_ipip raises EOPNOTSUPP without it
+    nl.add_fdb(index, mac, dst_ip, *, permanent=True);  nl.del_fdb(index, mac, dst_ip=None) -> bool
+    nl.fdbs(index=None) -> list[FdbEntry]                   # AF_BRIDGE neighbours (vxlan: mac -> VTEP)
+    nl.route_get(dst) -> Route | None                       # `ip route get`: None if unreachable
     nl.subscribe(groups) -> Monitor   # same netns as nl
     Monitor(groups=(RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE), *, netns=None): non-blocking, for loop.add_reader:
         fileno(); read_events() -> list[LinkEvent | RouteEvent | Overflow];
@@ -112,7 +119,17 @@ IF_OPER_UNKNOWN, IF_OPER_UP = 0, 6
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 
 NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
+NDA_PORT, NDA_VNI = 6, 7
 NUD_REACHABLE, NUD_NOARP, NUD_PERMANENT = 0x02, 0x40, 0x80
+NTF_SELF = 0x02
+AF_BRIDGE = 7  # FDB entries are neighbours of this family
+
+# linux/if_link.h IFLA_VXLAN_*; linux/if_tunnel.h IFLA_IPTUN_*
+IFLA_VXLAN_ID, IFLA_VXLAN_LINK, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING = 1, 3, 4, 7
+IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6 = 15, 17
+IFLA_IPTUN_LINK, IFLA_IPTUN_LOCAL, IFLA_IPTUN_REMOTE = 1, 2, 3
+
+IPIP_MISSING = "kernel has no IPIP support (ipip module missing)"
 
 _NLA_TYPE_MASK = ~(0x8000 | 0x4000) & 0xFFFF  # strip NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
@@ -129,6 +146,7 @@ _RTA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
 _RTA_U32 = struct.Struct("=HHI")
+_BE16 = struct.Struct("!H")
 # The hot message of the bulk path: "<ip>/32 dev <oif>" with table, dst and oif attributes, v4.
 _ROUTE4_OIF = struct.Struct("=IHHII BBBBBBBBI HHI HH4s HHI")
 _ROUTE4_OIF_LEN = _ROUTE4_OIF.size
@@ -170,6 +188,18 @@ class Link:
     master: int | None = None
     link: int | None = None  # IFLA_LINK: for a veth, the peer's ifindex (in link_netnsid's netns)
     link_netnsid: int | None = None
+    vxlan: VxlanInfo | None = None  # set for kind "vxlan"
+
+
+@dataclass(frozen=True, slots=True)
+class VxlanInfo:
+    """The parameters of a vxlan link (IFLA_INFO_DATA)."""
+
+    vni: int
+    port: int  # UDP destination port
+    local: IPAddress | None = None  # source address of the encapsulated packets
+    link: int | None = None  # ifindex of the parent ("dev") link
+    learning: bool = False
 
 
 class Route(NamedTuple):
@@ -231,6 +261,24 @@ class Neighbour:
     ip: IPAddress
     mac: str | None
     state: int
+
+    @property
+    def permanent(self) -> bool:
+        return bool(self.state & NUD_PERMANENT)
+
+
+@dataclass(frozen=True, slots=True)
+class FdbEntry:
+    """A forwarding-database entry of a link (an AF_BRIDGE neighbour): for a vxlan link, "frames for
+    ``mac`` go to the VTEP at ``dst``"."""
+
+    index: int
+    mac: str
+    dst: IPAddress | None
+    state: int
+    flags: int
+    vni: int | None = None
+    port: int | None = None
 
     @property
     def permanent(self) -> bool:
@@ -410,10 +458,14 @@ def _parse_link(buf: bytes, off: int, end: int) -> Link:
     _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(buf, off)
     a = _attrs(buf, off + _IFINFOMSG.size, end)
     kind: str | None = None
+    vxlan: VxlanInfo | None = None
     if IFLA_LINKINFO in a:
         li = a[IFLA_LINKINFO]
-        k = _attrs(li, 0, len(li)).get(IFLA_INFO_KIND)
+        info = _attrs(li, 0, len(li))
+        k = info.get(IFLA_INFO_KIND)
         kind = _cstr(k) if k is not None else None
+        if kind == "vxlan" and IFLA_INFO_DATA in info:
+            vxlan = _parse_vxlan(info[IFLA_INFO_DATA])
     oper = a[IFLA_OPERSTATE][0] if IFLA_OPERSTATE in a else IF_OPER_UNKNOWN
     return Link(
         index=index,
@@ -427,6 +479,24 @@ def _parse_link(buf: bytes, off: int, end: int) -> Link:
         master=_U32.unpack(a[IFLA_MASTER])[0] if IFLA_MASTER in a else None,
         link=_U32.unpack(a[IFLA_LINK])[0] if IFLA_LINK in a else None,
         link_netnsid=_I32.unpack(a[IFLA_LINK_NETNSID])[0] if IFLA_LINK_NETNSID in a else None,
+        vxlan=vxlan,
+    )
+
+
+def _parse_vxlan(data: bytes) -> VxlanInfo:
+    d = _attrs(data, 0, len(data))
+    local: IPAddress | None = None
+    if IFLA_VXLAN_LOCAL in d:
+        local = ipaddress.IPv4Address(d[IFLA_VXLAN_LOCAL][:4])
+    elif IFLA_VXLAN_LOCAL6 in d:
+        local = ipaddress.IPv6Address(d[IFLA_VXLAN_LOCAL6][:16])
+    parent = _U32.unpack(d[IFLA_VXLAN_LINK][:4])[0] if IFLA_VXLAN_LINK in d else 0
+    return VxlanInfo(
+        vni=_U32.unpack(d[IFLA_VXLAN_ID][:4])[0] if IFLA_VXLAN_ID in d else 0,
+        port=_BE16.unpack(d[IFLA_VXLAN_PORT][:2])[0] if IFLA_VXLAN_PORT in d else 0,
+        local=local,
+        link=parent or None,
+        learning=bool(d[IFLA_VXLAN_LEARNING][0]) if IFLA_VXLAN_LEARNING in d else False,
     )
 
 
@@ -455,6 +525,38 @@ def _parse_neigh(buf: bytes, off: int, end: int) -> Neighbour | None:
     ip: IPAddress = ipaddress.IPv4Address(raw) if family == AF_INET else ipaddress.IPv6Address(raw)
     ll = a.get(NDA_LLADDR)
     return Neighbour(index, ip, _mac_str(ll) if ll else None, state)
+
+
+def _fdb_reply(mtype: int, buf: bytes, off: int, end: int) -> FdbEntry | None:
+    if mtype != RTM_NEWNEIGH:
+        return None
+    family, index, state, flags, _type = _NDMSG.unpack_from(buf, off)
+    a = _attrs(buf, off + _NDMSG.size, end)
+    ll = a.get(NDA_LLADDR)
+    if family != AF_BRIDGE or ll is None or len(ll) != 6:
+        return None
+    raw = a.get(NDA_DST)
+    dst: IPAddress | None = None
+    if raw is not None and len(raw) == 4:
+        dst = ipaddress.IPv4Address(raw)
+    elif raw is not None and len(raw) == 16:
+        dst = ipaddress.IPv6Address(raw)
+    vni = a.get(NDA_VNI)
+    port = a.get(NDA_PORT)
+    return FdbEntry(index, _mac_str(ll), dst, state, flags,
+                    vni=_U32.unpack(vni[:4])[0] if vni is not None and len(vni) >= 4 else None,
+                    port=_BE16.unpack(port[:2])[0] if port is not None and len(port) >= 2 else None)
+
+
+def _route_get_reply(mtype: int, buf: bytes, off: int, end: int) -> Route | None:
+    # The answer to a single-address lookup is flagged RTM_F_CLONED, which dumps skip as cache
+    # entries; clear the flag on a copy so the common parser keeps its fast path untouched.
+    if mtype != RTM_NEWROUTE:
+        return None
+    msg = bytearray(buf[off:end])
+    flags = _U32.unpack_from(msg, 8)[0] & ~RTM_F_CLONED
+    _U32.pack_into(msg, 8, flags)
+    return _parse_route(bytes(msg), 0, len(msg))
 
 
 def _ext_ack_msg(buf: bytes, off: int, end: int, flags: int) -> str:
@@ -640,6 +742,81 @@ class Netlink:
         payload = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, updown, updown) + b"".join(attrs)
         self._do(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, payload, f"add veth {name} peer {peer_name}")
 
+    def _new_link(self, name: str, kind: str, data: bytes, *, mtu: int | None, mac: str | None, up: bool,
+                  op: str) -> None:
+        """Create a link of ``kind`` with IFLA_INFO_DATA ``data``; a kind the kernel lacks (module
+        missing, EOPNOTSUPP "Unknown device type") is reported as such."""
+        attrs = [_attr_str(IFLA_IFNAME, name)]
+        if mtu is not None:
+            attrs.append(_attr_u32(IFLA_MTU, mtu))
+        if mac is not None:
+            attrs.append(_attr(IFLA_ADDRESS, _mac_bytes(mac)))
+        attrs.append(_attr(IFLA_LINKINFO, _attr_str(IFLA_INFO_KIND, kind) + _attr(IFLA_INFO_DATA, data)))
+        updown = IFF_UP if up else 0
+        payload = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, updown, updown) + b"".join(attrs)
+        try:
+            self._do(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, payload, op)
+        except NetlinkError as e:
+            if e.errno == _errno.EOPNOTSUPP:
+                detail = IPIP_MISSING if kind == "ipip" else f"kernel has no {kind} support ({kind} module missing)"
+                raise NetlinkError(e.errno, op, detail) from None
+            raise
+
+    def add_vxlan(self, name: str, *, vni: int, port: int = 4789, local: IPAddress | None = None,
+                  parent_index: int | None = None, mtu: int | None = None, mac: str | None = None,
+                  learning: bool = False, up: bool = False) -> None:
+        """Create a vxlan link (no default remote: destinations come from FDB entries)."""
+        _ifname_check(name)
+        if not 0 < vni < (1 << 24):
+            raise ValueError(f"invalid VXLAN VNI {vni} (1..16777215)")
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid VXLAN port {port}")
+        data = [_attr_u32(IFLA_VXLAN_ID, vni), _attr(IFLA_VXLAN_PORT, _BE16.pack(port)),
+                _attr(IFLA_VXLAN_LEARNING, bytes([1 if learning else 0]))]
+        if local is not None:
+            data.append(_attr(IFLA_VXLAN_LOCAL if local.version == 4 else IFLA_VXLAN_LOCAL6, local.packed))
+        if parent_index is not None:
+            data.append(_attr_u32(IFLA_VXLAN_LINK, parent_index))
+        self._new_link(name, "vxlan", b"".join(data), mtu=mtu, mac=mac, up=up,
+                       op=f"add vxlan {name} vni {vni} dstport {port}")
+
+    def add_ipip(self, name: str = "tunl0", *, local: ipaddress.IPv4Address | None = None,
+                 remote: ipaddress.IPv4Address | None = None, parent_index: int | None = None,
+                 mtu: int | None = None, up: bool = False) -> None:
+        """Create an IPIP tunnel link (without local/remote: the catch-all ``tunl0`` kind). Without
+        kernel IPIP support this raises NetlinkError with errno EOPNOTSUPP and :data:`IPIP_MISSING`."""
+        _ifname_check(name)
+        data = []
+        if parent_index is not None:
+            data.append(_attr_u32(IFLA_IPTUN_LINK, parent_index))
+        if local is not None:
+            data.append(_attr(IFLA_IPTUN_LOCAL, local.packed))
+        if remote is not None:
+            data.append(_attr(IFLA_IPTUN_REMOTE, remote.packed))
+        self._new_link(name, "ipip", b"".join(data), mtu=mtu, mac=None, up=up, op=f"add ipip {name}")
+
+    def ipip_supported(self) -> tuple[bool, str]:
+        """Can this kernel do IPIP? (answer, reason). Cheap checks first: a ``tunl0`` of kind ipip in
+        this netns, the module in /sys/module; else create and delete a throwaway ipip link (which
+        also loads the module on demand where that is possible)."""
+        tunl = self.link("tunl0")
+        if tunl is not None and tunl.kind == "ipip":
+            return True, "tunl0 exists"
+        if os.path.isdir("/sys/module/ipip"):
+            return True, "ipip module loaded"
+        probe = f"fxipip{os.getpid() % 1000000}"
+        try:
+            # A remote address keeps the probe distinct from the catch-all tunl0 (no EEXIST clash).
+            self.add_ipip(probe, remote=ipaddress.IPv4Address("192.0.2.254"))
+        except NetlinkError as e:
+            if e.errno == _errno.EOPNOTSUPP:
+                return False, IPIP_MISSING
+            if e.errno == _errno.EEXIST:
+                return True, "ipip links can be created"
+            return False, f"cannot tell whether the kernel supports IPIP: {e}"
+        self.del_link(probe)
+        return True, "ipip links can be created"
+
     def set_link(self, index: int, *, up: bool | None = None, mtu: int | None = None, mac: str | None = None,
                  name: str | None = None, netns_fd: int | None = None) -> None:
         flags = IFF_UP if up else 0
@@ -727,6 +904,23 @@ class Netlink:
                 return False
             raise
         return True
+
+    def route_get(self, dst: IPAddress) -> Route | None:
+        """The route the kernel would use to send to ``dst`` (``ip route get``): gateway and oif of
+        the resolved path, dst as a host network. None if ``dst`` is unreachable (no route, or an
+        unreachable/prohibit/blackhole route)."""
+        family = AF_INET if dst.version == 4 else AF_INET6
+        payload = _RTMSG.pack(family, dst.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, dst.packed)
+        try:
+            with self._lock:
+                found = self._exchange(RTM_GETROUTE, 0, payload, f"get route to {dst}", _route_get_reply)
+        except NetlinkError as e:
+            # ENETUNREACH: no route; EHOSTUNREACH: unreachable; EACCES: prohibit; EINVAL: blackhole
+            # (the request itself is well-formed by construction).
+            if e.errno in (_errno.ENETUNREACH, _errno.EHOSTUNREACH, _errno.EACCES, _errno.EINVAL):
+                return None
+            raise
+        return found[0] if found else None
 
     def _single(self, msg: bytes, op: str) -> None:
         """Send one pre-encoded request (header included) and wait for its ack."""
@@ -861,9 +1055,44 @@ class Netlink:
         found = self._dump(RTM_GETNEIGH, payload, "list neighbours", _neigh_reply)
         return [nb for nb in found if index is None or nb.index == index]
 
+    # forwarding database (AF_BRIDGE neighbours) -------------------------------------------------
+    def add_fdb(self, index: int, mac: str, dst_ip: IPAddress, *, permanent: bool = True) -> None:
+        """``bridge fdb replace <mac> dev #index dst <dst_ip> self permanent``: a unicast MAC has one
+        destination, so this adds the entry or moves it to ``dst_ip``; unchanged is a kernel no-op."""
+        state = NUD_PERMANENT if permanent else NUD_REACHABLE
+        payload = (_NDMSG.pack(AF_BRIDGE, index, state, NTF_SELF, 0) + _attr(NDA_LLADDR, _mac_bytes(mac))
+                   + _attr(NDA_DST, dst_ip.packed))
+        self._do(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, payload,
+                 f"add fdb {mac} dst {dst_ip} dev #{index}")
+
+    def del_fdb(self, index: int, mac: str, dst_ip: IPAddress | None = None) -> bool:
+        """Delete an FDB entry (only its ``dst_ip`` destination if given); False if the MAC had no entry.
+        (6.18 vxlan: a ``dst_ip`` the entry does not have deletes nothing, yet is acked: True.)"""
+        payload = _NDMSG.pack(AF_BRIDGE, index, 0, NTF_SELF, 0) + _attr(NDA_LLADDR, _mac_bytes(mac))
+        if dst_ip is not None:
+            payload += _attr(NDA_DST, dst_ip.packed)
+        try:
+            self._do(RTM_DELNEIGH, 0, payload, f"delete fdb {mac}{f' dst {dst_ip}' if dst_ip else ''} dev #{index}")
+        except NetlinkError as e:
+            if e.errno in (_errno.ENOENT, _errno.ENODEV):
+                return False
+            raise
+        return True
+
+    def fdbs(self, index: int | None = None) -> list[FdbEntry]:
+        """FDB entries (of one link if ``index`` is given)."""
+        payload = _NDMSG.pack(AF_BRIDGE, index or 0, 0, 0, 0)
+        found = self._dump(RTM_GETNEIGH, payload, "list fdb entries", _fdb_reply)
+        return [f for f in found if index is None or f.index == index]
+
     def subscribe(self, groups: Iterable[int] = (RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE)) -> Monitor:
         """A :class:`Monitor` for this client's netns."""
         return Monitor(groups, netns=self.netns)
+
+
+def ipip_supported(nl: Netlink) -> tuple[bool, str]:
+    """Module-level form of :meth:`Netlink.ipip_supported`."""
+    return nl.ipip_supported()
 
 
 # --- monitoring -------------------------------------------------------------------------------------

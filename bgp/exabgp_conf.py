@@ -1,0 +1,209 @@
+"""Render ExaBGP 5 configuration (``exabgp.conf``) and environment (``exabgp.env``) files (pure).
+
+The config holds one ``process`` (the relay, see ``bgp.relay``) and one fully spelled-out ``neighbor`` block
+per :class:`~bgp.model.PeerSpec`; no templates, so what a peer gets never depends on ExaBGP's inheritance
+rules. ``manual-eor`` is on for every peer: the speaker sends End-of-RIB itself after re-announcing, otherwise
+ExaBGP sends it straight after OPEN and graceful-restart helpers flush our routes before we re-announce them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Sequence
+
+from .model import BGP_PORT, LocalBgpConfig, PeerSpec
+
+log = logging.getLogger(__name__)
+
+PROCESS_NAME = "felixpy"
+# ExaBGP's tokeniser splits on whitespace and treats ; { } [ ] and quotes specially; a run argument holding
+# one of those would silently change the config's meaning.
+_UNSAFE_TOKEN = re.compile(r"""[\s;{}\[\]"'#]""")
+_SAFE_DESCRIPTION = re.compile(r"[^A-Za-z0-9_.:/-]")
+# md5-password is quoted; the tokeniser has no escapes, so reject what cannot be quoted.
+_UNQUOTABLE = re.compile(r"""["'\n\r;\\]""")
+MAX_MD5_PASSWORD = 80  # RFC 2385 / ExaBGP's limit
+
+
+class ExabgpConfigError(ValueError):
+    """Input that cannot be expressed in an ExaBGP config."""
+
+
+def _check_token(token: str, what: str) -> str:
+    if not token or _UNSAFE_TOKEN.search(token):
+        raise ExabgpConfigError(f"{what} {token!r} cannot be written into an ExaBGP config (whitespace/quotes/;)")
+    return token
+
+
+def _peer_problem(peer: PeerSpec) -> str:
+    """Why ``peer`` cannot be rendered, or ''."""
+    if not 1 <= peer.asn <= 0xFFFFFFFF or not 1 <= peer.local_asn <= 0xFFFFFFFF:
+        return f"invalid AS number (peer {peer.asn}, local {peer.local_asn})"
+    if not 1 <= peer.port <= 65535:
+        return f"invalid port {peer.port}"
+    if peer.hold_time != 0 and not 3 <= peer.hold_time <= 65535:
+        return f"invalid hold time {peer.hold_time} (0 or 3..65535)"
+    if not 0 <= peer.graceful_restart_time <= 4095:
+        return f"invalid graceful restart time {peer.graceful_restart_time} (0..4095)"
+    if peer.password and (_UNQUOTABLE.search(peer.password) or len(peer.password) > MAX_MD5_PASSWORD):
+        return "password cannot be expressed in an ExaBGP config (quotes, ';', backslash, newline or too long)"
+    if peer.address.is_unspecified or peer.address.is_multicast:
+        return f"invalid peer address {peer.address}"
+    return ""
+
+
+def _neighbor_block(cfg: LocalBgpConfig, peer: PeerSpec) -> list[str]:
+    local = peer.source_address or cfg.local_ip
+    description = _SAFE_DESCRIPTION.sub("_", peer.name) or str(peer.address)
+    lines = [
+        f"neighbor {peer.address} {{",
+        f'    description "{description}";',
+        f"    router-id {cfg.router_id};",
+        f"    local-address {local};",
+        f"    local-as {peer.local_asn};",
+        f"    peer-as {peer.asn};",
+        f"    hold-time {peer.hold_time};",
+        f"    passive {'true' if peer.passive else 'false'};",
+    ]
+    if peer.port != BGP_PORT:
+        lines.append(f"    connect {peer.port};")
+    if peer.password:
+        lines.append(f'    md5-password "{peer.password}";')
+    lines += [
+        "    manual-eor true;",
+        "    adj-rib-in true;",
+        "    adj-rib-out true;",
+        "    group-updates true;",
+        "    family {",
+        "        ipv4 unicast;",
+        "    }",
+        "    capability {",
+    ]
+    if peer.graceful_restart_time > 0:
+        lines.append(f"        graceful-restart {peer.graceful_restart_time};")
+    lines += [
+        "        route-refresh;",
+        "    }",
+        "    api {",
+        f"        processes [ {PROCESS_NAME} ];",
+        "        neighbor-changes;",
+        "        receive {",
+        "            parsed;",
+        "            update;",
+        "            open;",
+        "            notification;",
+        "            refresh;",
+        "        }",
+        "    }",
+        "}",
+    ]
+    return lines
+
+
+def render_config(cfg: LocalBgpConfig, *, relay_argv: Sequence[str]) -> str:
+    """The ``exabgp.conf`` text for ``cfg``; ``relay_argv`` is the command ExaBGP runs as its process.
+
+    ``relay_argv[0]`` must be an absolute path to an existing executable (ExaBGP checks it when parsing).
+    Peers that cannot be expressed (bad password, AS, timers) or repeat an address are left out with an
+    error log; everything else is still rendered. Raises :class:`ExabgpConfigError` only for a bad
+    ``relay_argv`` (a programming error, not data).
+    """
+    if not relay_argv:
+        raise ExabgpConfigError("relay_argv is empty")
+    if not relay_argv[0].startswith("/"):
+        raise ExabgpConfigError(f"relay_argv[0] must be an absolute path, got {relay_argv[0]!r}")
+    run = " ".join(_check_token(a, "relay argument") for a in relay_argv)
+    out = [
+        f"# generated by felixpy for node {_SAFE_DESCRIPTION.sub('_', cfg.node)}; do not edit",
+        f"process {PROCESS_NAME} {{",
+        f"    run {run};",
+        "    encoder json;",
+        "}",
+        "",
+    ]
+    seen: set[ipaddress.IPv4Address] = set()
+    for peer in sorted(cfg.peers, key=lambda p: (p.name, int(p.address))):
+        problem = _peer_problem(peer)
+        if problem:
+            log.error("BGP peer %s (%s) left out of the ExaBGP config: %s", peer.name, peer.address, problem)
+            continue
+        if peer.address in seen:
+            log.error("BGP peer %s (%s) left out: another peer has the same address", peer.name, peer.address)
+            continue
+        if peer.address == (peer.source_address or cfg.local_ip):
+            log.error("BGP peer %s (%s) left out: it is this node's own address", peer.name, peer.address)
+            continue
+        seen.add(peer.address)
+        out += _neighbor_block(cfg, peer)
+        out.append("")
+    return "\n".join(out)
+
+
+def render_env(
+    *,
+    bind_ip: ipaddress.IPv4Address | str | None,
+    port: int = BGP_PORT,
+    pipename: str = "felixpy",
+    log_level: str = "INFO",
+    show_chunk: int = 1000,
+) -> str:
+    """The ``exabgp.env`` text (pass it to ExaBGP with ``EXABGP_ENVFILE``).
+
+    ``bind_ip`` is where ExaBGP listens for incoming sessions (passive peers need it); ``None`` disables
+    listening. ``pipename`` only matters if the CLI pipes were ever enabled; it is made unique per node so
+    instances in different network namespaces never share ``/run/exabgp``. ``show_chunk`` is how many routes
+    ExaBGP writes per reactor turn when answering ``show adj-rib`` (the default of 1 makes a 10k-route resync
+    take 10k turns).
+    """
+    if not 1 <= port <= 65535:
+        raise ExabgpConfigError(f"invalid port {port}")
+    bind = "" if bind_ip is None else str(ipaddress.IPv4Address(str(bind_ip)))
+    _check_token(pipename, "pipename")
+    level = log_level.upper()
+    if level not in ("DEBUG", "INFO", "NOTICE", "WARNING", "ERR", "CRIT"):
+        raise ExabgpConfigError(f"invalid ExaBGP log level {log_level!r}")
+    return "\n".join(
+        [
+            "# generated by felixpy; do not edit",
+            "[exabgp.daemon]",
+            "daemonize = false",
+            "user = 'root'",  # the default (nobody + drop) runs respawned helpers unprivileged and they fail
+            "drop = false",
+            "pid = ''",
+            "",
+            "[exabgp.api]",
+            "ack = true",
+            "cli = false",  # no named pipes, no second process
+            "encoder = json",
+            "respawn = true",
+            "terminate = false",
+            f"chunk = {int(show_chunk)}",
+            "show-routes-format = v2",
+            "compact = false",
+            f"pipename = '{pipename}'",
+            "",
+            "[exabgp.tcp]",
+            f"bind = '{bind}'" if bind else "bind = ''",
+            f"port = {port}",
+            "",
+            "[exabgp.bgp]",
+            "passive = false",
+            "",
+            "[exabgp.log]",
+            "enable = true",
+            "destination = 'stdout'",
+            f"level = {level}",
+            "short = true",
+            "statistics = false",  # a line per keepalive otherwise
+            "processes = false",  # a line per API route otherwise (slows bulk ingest ~40%)
+            "packets = false",
+            "rib = false",
+            "message = false",
+            "timers = false",
+            "routes = false",
+            "parser = false",
+            "",
+        ]
+    )
