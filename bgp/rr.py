@@ -112,8 +112,11 @@ def parse_show_protocols(text: str) -> list[BirdProtocol]:
 
 
 async def _run(argv: Sequence[str], timeout: float = 10.0) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    except OSError as e:
+        return -1, f"cannot run {argv[0]}: {e}"
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -192,9 +195,15 @@ class BirdProcess:
                     os.unlink(self.ctl_path)  # left by a BIRD that was killed; only ours lives in run_dir
                 argv = [*self.argv_prefix, self.bird_bin, "-f", "-R", "-c", self.config_path, "-s", self.ctl_path]
                 started = time.monotonic()
-                self.proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT)
+                try:
+                    self.proc = await asyncio.create_subprocess_exec(
+                        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.STDOUT)
+                except OSError as e:
+                    log.error("cannot start BIRD (%s): %s; retrying in %.0fs", " ".join(argv), e, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(self.max_backoff, backoff * 2)
+                    continue
                 self.starts += 1
                 log.info("started BIRD (pid %d): %s", self.proc.pid, " ".join(argv))
                 self._up.set()

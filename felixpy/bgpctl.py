@@ -126,9 +126,13 @@ class BgpControl:
     def _publish(self) -> None:
         self._publish_scheduled = False
         learned = self.speaker.learned()
-        my_subnet = self._host.node_ip if self._host is not None else None
+        host = self._host
+        my_subnet = host.node_ip if host is not None else None
+        mine = [] if host is None else [a for a in (host.node_ip.ip if host.node_ip else None,
+                                                    host.vxlan_tunnel_ip, host.ipip_tunnel_ip) if a is not None]
         decided = routes.kernel_routes(learned, self._pools(), my_subnet=my_subnet, local_blocks=self._announce,
-                                       reject_cidrs=self._reject, ipip_available=self._ipip_available())
+                                       reject_cidrs=self._reject, ipip_available=self._ipip_available(),
+                                       my_addresses=mine)
         snapshot = tuple(sorted(((kr.dst, kr.gateway, kr.device, kr.onlink) for kr in decided.values()),
                                 key=lambda t: (int(t[0].network_address), t[0].prefixlen)))
         if self._maybe_release() and snapshot != self._last_routes:

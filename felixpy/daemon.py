@@ -25,7 +25,6 @@ from felixpy.dataplane.drivers.routetable import RouteTable
 from felixpy.dataplane.drivers.vxlan import VxlanDevice
 from felixpy.dataplane.endpoint_mgr import EndpointManager
 from felixpy.dataplane.loop import Dataplane
-from felixpy.dataplane.masq_mgr import MasqManager
 from felixpy.dataplane.shims import netlink
 from felixpy.dataplane.tunnel_mgr import TunnelManager
 from felixpy.datastore.api import (
@@ -113,7 +112,7 @@ class Agent:
     # -- hooks for the CNI server -------------------------------------------------------------------
     async def program_endpoint(self, key: Key, value: Resource | None, revision: str) -> str:
         self.calc.on_local_write(key, value, revision, time.monotonic())
-        self.dataplane.submit(self.calc.flush())
+        self._route_messages(self.calc.flush())
         await self.dataplane.barrier()
         return self.endpoint_mgr.status(key)
 
@@ -233,7 +232,7 @@ class Agent:
                 if status == SyncStatus.IN_SYNC:
                     self.calc.on_in_sync()
             before = self.calc.invalid_resources
-            self.dataplane.submit(self.calc.flush())
+            self._route_messages(self.calc.flush())
             metrics.invalid_resources.inc(self.calc.invalid_resources - before)
             metrics.calc_updates.inc(len(updates))
             metrics.calc_update_time.observe(time.perf_counter() - t0)
@@ -357,17 +356,11 @@ class _Stop(Exception):
     pass
 
 
-def _nat_backend(cfg: Config) -> tuple[Any, MasqManager]:
+def _nat_backend(cfg: Config) -> tuple[Any, Any]:
     """The NAT-outgoing table driver (nftables by default, iptables-restore with FELIX_NFTABLESMODE=Disabled)."""
-    if cfg.nat_backend == "iptables":
-        from felixpy.dataplane.drivers.iptables import IptablesTable
+    from felixpy.dataplane.masq_mgr import make_nat_backend
 
-        table: Any = IptablesTable("nat")
-    else:
-        from felixpy.dataplane.drivers.nftables import NftTable
-
-        table = NftTable()
-    return table, MasqManager(table)
+    return make_nat_backend(cfg.nat_backend)
 
 
 def run_agent(cfg: Config) -> int:

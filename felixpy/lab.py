@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ def state_file() -> Path:
 
 def _save(state: dict[str, Any]) -> None:
     state_dir().mkdir(parents=True, exist_ok=True)
-    tmp = state_file().with_suffix(".tmp")
+    tmp = state_file().with_suffix(f".{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, state_file())
 

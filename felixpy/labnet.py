@@ -46,6 +46,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -122,10 +123,11 @@ class LabSpec:
                 or self.prefix != self.prefix.lower():
             raise LabError(f"prefix {self.prefix!r}: 1..12 lowercase letters, digits or '-'")
         try:
-            ipaddress.IPv4Network(f"{self.base}.0.0/16")
-            ipaddress.IPv4Network(self.pool)
+            nodes, pool = ipaddress.IPv4Network(f"{self.base}.0.0/16"), ipaddress.IPv4Network(self.pool)
         except ValueError as e:
             raise LabError(f"bad address setting: {e}") from None
+        if nodes.overlaps(pool):
+            raise LabError(f"the node networks {nodes} overlap the pod pool {pool}")
         if self.rr and not MODES[self.mode].bgp:
             raise LabError("--rr needs a BGP mode (bgp or ipip)")
 
@@ -228,36 +230,60 @@ class Ledger:
 
     data: dict[str, Any] = field(default_factory=dict)
     save: Callable[[dict[str, Any]], None] | None = None
+    # Pods are added from several threads; every change and its save happen under this lock.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self) -> None:
         for k, empty in (("netns", []), ("links", []), ("procs", {}), ("pods", {}), ("datastore", {})):
             self.data.setdefault(k, empty)
 
     def commit(self) -> None:
-        if self.save is not None:
-            self.save(self.data)
+        with self.lock:
+            if self.save is not None:
+                self.save(self.data)
 
     def add_netns(self, name: str) -> None:
-        if name not in self.data["netns"]:
-            self.data["netns"].append(name)
-            self.commit()
+        with self.lock:
+            if name not in self.data["netns"]:
+                self.data["netns"].append(name)
+                self.commit()
+
+    def drop_netns(self, name: str) -> None:
+        with self.lock:
+            if name in self.data["netns"]:
+                self.data["netns"].remove(name)
+                self.commit()
 
     def add_link(self, name: str) -> None:
-        if name not in self.data["links"]:
-            self.data["links"].append(name)
-            self.commit()
+        with self.lock:
+            if name not in self.data["links"]:
+                self.data["links"].append(name)
+                self.commit()
 
     def add_proc(self, key: str, pid: int, netns: str) -> None:
-        self.data["procs"][key] = {"pid": pid, "start": proc_start_time(pid), "netns": netns}
-        self.commit()
-
-    def drop_proc(self, key: str) -> None:
-        if self.data["procs"].pop(key, None) is not None:
+        with self.lock:
+            self.data["procs"][key] = {"pid": pid, "start": proc_start_time(pid), "netns": netns}
             self.commit()
 
+    def drop_proc(self, key: str) -> None:
+        with self.lock:
+            if self.data["procs"].pop(key, None) is not None:
+                self.commit()
+
+    def put_pod(self, name: str, pod: dict[str, Any]) -> None:
+        with self.lock:
+            self.data["pods"][name] = pod
+            self.commit()
+
+    def drop_pod(self, name: str) -> None:
+        with self.lock:
+            if self.data["pods"].pop(name, None) is not None:
+                self.commit()
+
     def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.commit()
+        with self.lock:
+            self.data[key] = value
+            self.commit()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -405,7 +431,9 @@ def root_conflicts(plan: Plan) -> list[str]:
             if net.overlaps(sup):
                 bad.append(f"address {parts[parts.index('inet') + 1]} on {parts[1]}")
     for ln in run("ip", "-4", "route", "show", "table", "main").splitlines():
-        dst = ln.split()[0] if ln.strip() else ""
+        words = ln.split()
+        dst = words[1] if len(words) > 1 and words[0] in ("blackhole", "unreachable", "prohibit") else \
+            (words[0] if words else "")
         if dst and dst != "default":
             with contextlib.suppress(ValueError):
                 if ipaddress.IPv4Network(dst, strict=False).overlaps(sup):
@@ -421,7 +449,7 @@ def pick_base(candidates: Iterable[str] | None = None) -> str:
             with contextlib.suppress(ValueError):
                 if "/" in word or word.count(".") == 3:
                     used.append(ipaddress.IPv4Network(word, strict=False))
-    for base in candidates or [f"172.{b}" for b in range(30, 15, -1)] + [f"10.{b}" for b in range(230, 250)]:
+    for base in candidates or [f"172.{b}" for b in range(30, 15, -1)] + [f"10.{b}" for b in range(230, 244)]:
         sup = ipaddress.IPv4Network(f"{base}.0.0/16")
         if not any(u.overlaps(sup) for u in used):
             return base
@@ -974,18 +1002,20 @@ class Lab:
 
     def pods(self) -> list[PodInfo]:
         """The lab's pods, by node then name."""
-        pods = [PodInfo(**p) for p in self.ledger.data["pods"].values()]
+        with self.ledger.lock:
+            pods = [PodInfo(**p) for p in self.ledger.data["pods"].values()]
         return sorted(pods, key=lambda p: (self.plan.node(p.node).index, len(p.name), p.name))
 
     def add_pod(self, node: str, name: str = "") -> PodInfo:
         """A pod on ``node`` the way kubelet makes one: (Kubernetes: the Pod object,) a netns, CNI ADD."""
         n = self.plan.node(node)
-        if not name:
-            taken = set(self.ledger.data["pods"])
-            name = next(f"n{n.index}-p{j}" for j in range(1, 10_000) if f"n{n.index}-p{j}" not in taken)
-        pod = PodInfo(name, n.name, f"{self.spec.prefix}-{name}", uuid.uuid4().hex)
-        self.ledger.data["pods"][name] = pod.to_json()
-        self.ledger.add_netns(pod.netns)
+        with self.ledger.lock:
+            if not name:
+                taken = set(self.ledger.data["pods"])
+                name = next(f"n{n.index}-p{j}" for j in range(1, 10_000) if f"n{n.index}-p{j}" not in taken)
+            pod = PodInfo(name, n.name, f"{self.spec.prefix}-{name}", uuid.uuid4().hex)
+            self.ledger.put_pod(name, pod.to_json())
+            self.ledger.add_netns(pod.netns)
         run("ip", "netns", "add", pod.netns)
         ds = self.datastore()
         if ds.server:
@@ -995,8 +1025,7 @@ class Lab:
             raise LabError(f"CNI ADD for pod {name} on {n.name} failed ({rc}): {out}; "
                            f"see {self.agent_log(n.name)}")
         pod = PodInfo(**{**pod.to_json(), "ip": str(out["ips"][0]["address"]).split("/")[0]})
-        self.ledger.data["pods"][name] = pod.to_json()
-        self.ledger.commit()
+        self.ledger.put_pod(name, pod.to_json())
         return pod
 
     def add_pods(self, per_node: int) -> list[PodInfo]:
@@ -1016,10 +1045,8 @@ class Lab:
         if ds.server:
             ds.kube().delete(f"/api/v1/namespaces/{p.k8s_namespace}/pods/{p.name}")
         run("ip", "netns", "del", p.netns, check=False)
-        self.ledger.data["pods"].pop(p.name, None)
-        if p.netns in self.ledger.data["netns"]:
-            self.ledger.data["netns"].remove(p.netns)
-        self.ledger.commit()
+        self.ledger.drop_pod(p.name)
+        self.ledger.drop_netns(p.netns)
 
     # -- inspection ---------------------------------------------------------------------------------------
     def ping(self, src: PodInfo, dst_ip: str, *, count: int = 1, wait: float = 1.0) -> bool:

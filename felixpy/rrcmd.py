@@ -32,6 +32,12 @@ def run_route_reflector_cmd() -> int:
         print(f"felixpy route-reflector: invalid configuration: {e}", file=sys.stderr)
         return 2
     cluster_id = os.environ.get("FELIXPY_RR_CLUSTER_ID", "") or str(node_ip.ip)
+    try:
+        ipaddress.IPv4Address(cluster_id)
+    except ValueError:
+        print(f"felixpy route-reflector: FELIXPY_RR_CLUSTER_ID must be an IPv4 address, got {cluster_id!r}",
+              file=sys.stderr)
+        return 2
     labels = {}
     for item in os.environ.get("FELIXPY_RR_LABELS", "route-reflector=true").split(","):
         if "=" in item:
@@ -43,7 +49,8 @@ def run_route_reflector_cmd() -> int:
     async def main() -> None:
         backend = await make_backend(cfg)
         task = asyncio.ensure_future(run_route_reflector(backend, cfg.nodename, cfg.bgp_dir, node_ip=node_ip,
-                                                         cluster_id=cluster_id, labels=labels))
+                                                         cluster_id=cluster_id, labels=labels,
+                                                         router_id_setting=cfg.router_id))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)

@@ -45,7 +45,8 @@ class BgpCalculator:
         node_cfg = self.configs.get(f"node.{self.node}")
         local = bgp_peers.compute_local_config(self.node, self.nodes, glob, node_cfg,
                                                [self.peer_rules[k] for k in sorted(self.peer_rules)],
-                                               router_id_setting=self.router_id_setting)
+                                               router_id_setting=self.router_id_setting,
+                                               node_cfgs=[self.configs[k] for k in sorted(self.configs)])
         cfg_msg = BgpConfigUpdate(local)
         if cfg_msg != self._config:
             self._config = cfg_msg

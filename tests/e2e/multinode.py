@@ -97,6 +97,7 @@ class Cluster:
         self.start_agents = start_agents
         self.ready_timeout = ready_timeout
         self._lab: Lab | None = None
+        self._missing: dict[str, str] = {}  # capability -> why the agent lacks it ("" = present)
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> Cluster:
@@ -223,23 +224,37 @@ class Cluster:
         return "\n".join(parts)
 
     # -- capability checks (skip, with the reason, what the agent cannot do yet) ---------------------------
-    def require_bgp_config(self, timeout: float = 20.0) -> None:
+    def require_bgp_config(self, timeout: float = 15.0) -> None:
+        """Skip the calling test unless every agent has written its ExaBGP config (checked once per cluster)."""
         import importlib.util
 
-        import pytest
-
-        if importlib.util.find_spec("bgp.sidecar") is None:
-            pytest.skip("this build has no ExaBGP sidecar (bgp.sidecar)")
-        if not self.wait_for(lambda: all(self.bgp_config_written(n) for n in self.node_names), timeout):
-            missing = [n for n in self.node_names if not self.bgp_config_written(n)]
-            pytest.skip(f"the agent does not write its BGP config yet: no {self.lab.bgp_dir(missing[0])}/exabgp.conf "
+        def missing() -> str:
+            if importlib.util.find_spec("bgp.sidecar") is None:
+                return "this build has no ExaBGP sidecar (bgp.sidecar)"
+            if not self.wait_for(lambda: all(self.bgp_config_written(n) for n in self.node_names), timeout):
+                n = next(n for n in self.node_names if not self.bgp_config_written(n))
+                return (f"the agent does not write its BGP config yet: no {self.lab.bgp_dir(n)}/exabgp.conf "
                         f"after {timeout:g}s")
+            return ""
 
-    def require_vxlan_device(self, timeout: float = 20.0) -> None:
+        self._require("bgp-config", missing)
+
+    def require_vxlan_device(self, timeout: float = 15.0) -> None:
+        """Skip the calling test unless every agent has created ``vxlan.calico`` (checked once per cluster)."""
+        def missing() -> str:
+            if not self.wait_for(lambda: all(self.has_link(n, "vxlan.calico") for n in self.node_names), timeout):
+                return f"the agent does not create vxlan.calico yet (none after {timeout:g}s)"
+            return ""
+
+        self._require("vxlan-device", missing)
+
+    def _require(self, what: str, check: Callable[[], str]) -> None:
         import pytest
 
-        if not self.wait_for(lambda: all(self.has_link(n, "vxlan.calico") for n in self.node_names), timeout):
-            pytest.skip(f"the agent does not create vxlan.calico yet (none after {timeout:g}s)")
+        if what not in self._missing:
+            self._missing[what] = check()
+        if self._missing[what]:
+            pytest.skip(self._missing[what])
 
     # -- faults ------------------------------------------------------------------------------------------
     def exabgp_pids(self, node: str | int) -> list[int]:

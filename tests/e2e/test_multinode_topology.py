@@ -77,6 +77,7 @@ def test_plan_crosssubnet_splits_nodes() -> None:
     ({"mode": "vxlan", "rr": True}, "--rr needs a BGP mode"),
     ({"nodes": 1, "subnets": 2}, "two subnets"),
     ({"base": "300.1"}, "bad address"),
+    ({"base": "10.244"}, "overlap the pod pool"),
 ])
 def test_plan_rejects_bad_specs(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(LabError, match=message):

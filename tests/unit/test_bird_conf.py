@@ -208,3 +208,28 @@ async def test_ensure_node_fixes_a_malformed_node() -> None:
     await be.create(key, new_resource(key, {"bgp": "garbage"}))
     kv = await ensure_node(be, "rr", ipaddress.IPv4Interface("10.0.0.254/24"), "1.0.0.1", {})
     assert parse_bgp_node(kv.value).rr_cluster_id == "1.0.0.1"
+
+
+async def test_runner_survives_a_missing_bird(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from bgp.rr import RouteReflector
+
+    be = MemoryBackend()
+    rr = RouteReflector(be, "rr", str(tmp_path / "run"), node_ip=ipaddress.IPv4Interface("10.0.0.254/24"),
+                        cluster_id="1.0.0.1", labels={"route-reflector": "true"}, bird_bin=str(tmp_path / "no-bird"))
+    task = asyncio.create_task(rr.run())
+    try:
+        for _ in range(200):
+            if "BIRD refused the generated config" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "cannot run" in caplog.text and not task.done()
+        assert rr.config is not None and rr.rendered is None and not rr.bird.running
+        assert not (tmp_path / "run" / "bird.cfg").exists()  # nothing written that BIRD did not accept
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+    with pytest.raises(ValueError):
+        RouteReflector(be, "rr", str(tmp_path), node_ip=ipaddress.IPv4Interface("10.0.0.254/24"),
+                       cluster_id="cluster-a", labels={})
