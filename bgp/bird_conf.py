@@ -249,6 +249,8 @@ def render_calico_node(
     out += ["}", ""]
 
     out.append("filter calico_kernel_programming {")
+    # BIRD 2's direct protocol feeds connected routes into the table; BIRD 1 (Calico's) never re-exports them.
+    out.append("  if ( source = RTS_DEVICE ) then { reject; }")
     for r in rejects:
         out.append(f"  if ( net ~ {r} ) then {{ reject; }}")
     for p in v4_pools:

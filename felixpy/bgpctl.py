@@ -50,6 +50,11 @@ class BgpControl:
         self._host: HostTunnelUpdate | None = None
         self._publish_scheduled = False
         self._last_routes: tuple[Any, ...] | None = None
+        # Import decisions per learned prefix: (next hop, kernel route or None if rejected), valid while the
+        # other inputs of the import rules stay as recorded in _decided_inputs. A 10k-route burst arrives in
+        # several reads; re-checking every prefix on each publish was the largest cost of a bulk receive.
+        self._decided: dict[ipaddress.IPv4Network, tuple[ipaddress.IPv4Address, routes.KernelRoute | None]] = {}
+        self._decided_inputs: tuple[Any, ...] | None = None
         # Until the speaker has resynced with ExaBGP (or sync_timeout passes) the kernel keeps the BGP
         # routes it had: an agent restart must not withdraw routes from the dataplane.
         self.sync_timeout = sync_timeout
@@ -130,10 +135,25 @@ class BgpControl:
         my_subnet = host.node_ip if host is not None else None
         mine = [] if host is None else [a for a in (host.node_ip.ip if host.node_ip else None,
                                                     host.vxlan_tunnel_ip, host.ipip_tunnel_ip) if a is not None]
-        decided = routes.kernel_routes(learned, self._pools(), my_subnet=my_subnet, local_blocks=self._announce,
-                                       reject_cidrs=self._reject, ipip_available=self._ipip_available(),
-                                       my_addresses=mine)
-        snapshot = tuple(sorted(((kr.dst, kr.gateway, kr.device, kr.onlink) for kr in decided.values()),
+        pools = list(self._pools())
+        ipip = self._ipip_available()
+        inputs = (pools, my_subnet, self._announce, self._reject, ipip, mine)
+        if inputs != self._decided_inputs:
+            self._decided_inputs = inputs
+            self._decided = {}
+        decided = self._decided
+        # Only prefixes that are new or changed next hop go through the rules again (each is decided alone).
+        changed = {net: nh for net, nh in learned.items() if (d := decided.get(net)) is None or d[0] != nh}
+        if len(decided) + len(changed) > len(learned):  # else no decided prefix can be missing from learned
+            for net in [n for n in decided if n not in learned]:
+                del decided[net]
+        if changed:
+            new = routes.kernel_routes(changed, pools, my_subnet=my_subnet, local_blocks=self._announce,
+                                       reject_cidrs=self._reject, ipip_available=ipip, my_addresses=mine)
+            for net, nh in changed.items():
+                decided[net] = (nh, new.get(net))
+        snapshot = tuple(sorted(((kr.dst, kr.gateway, kr.device, kr.onlink) for _nh, kr in decided.values()
+                                 if kr is not None),
                                 key=lambda t: (int(t[0].network_address), t[0].prefixlen)))
         if self._maybe_release() and snapshot != self._last_routes:
             self._last_routes = snapshot

@@ -91,6 +91,7 @@ class Config:
     mtu_iface_pattern: str = r"^((en|wl|ww|sl|ib)[Pcopsvx].*|(eth|wlan|wwan).*)"
     nat_backend: str = "nftables"  # nftables | iptables (FELIX_NFTABLESMODE=Disabled)
     # felixpy specific.
+    bgp_hold_time: int = 90  # FELIXPY_BGP_HOLD_TIME: hold time of every session (keepalive = hold / 3)
     bgp_dir: str = "/var/run/calico/bgp"  # FELIXPY_BGP_DIR: ExaBGP config + the relay's socket
     cni_socket: str = names.DEFAULT_CNI_SOCKET
     state_dir: str = "/var/lib/calico"
@@ -177,6 +178,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     if nft_mode == "disabled":
         c.nat_backend = "iptables"
     c.bgp_dir = e.get("FELIXPY_BGP_DIR", c.bgp_dir)
+    if e.get("FELIXPY_BGP_HOLD_TIME"):
+        # BGP allows 0 (no keepalives) or at least 3 seconds.
+        c.bgp_hold_time = _int(e["FELIXPY_BGP_HOLD_TIME"], "FELIXPY_BGP_HOLD_TIME", 3, 65535)
     c.cni_socket = e.get("FELIXPY_CNI_SOCKET", c.cni_socket)
     c.state_dir = e.get("FELIXPY_STATE_DIR", c.state_dir)
     return c

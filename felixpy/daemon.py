@@ -70,7 +70,7 @@ class Agent:
         self.health.register("InternalDataplaneMainLoop", timeout=90.0)
         self.health.register("Tunnels")
         self.calc = CalcGraph(cfg.nodename, router_id_setting=cfg.router_id,
-                              bgp_enabled=cfg.networking_backend == "bird")
+                              bgp_enabled=cfg.networking_backend == "bird", bgp_hold_time=cfg.bgp_hold_time)
         self.buffer = DedupeBuffer()
         self._nl = netlink.Netlink()
         # Ours: proto 80 (Felix) and 12 (routes learned over BGP, as BIRD marks them), plus every route on

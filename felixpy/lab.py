@@ -85,11 +85,15 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("felixpy lab: must run as root (it creates network namespaces)", file=sys.stderr)
         return 1
-    if args.cmd == "up":
-        return up(args)
-    if args.cmd == "down":
-        return down(args.prefix)
-    return status()
+    try:
+        if args.cmd == "up":
+            return up(args)
+        if args.cmd == "down":
+            return down(args.prefix)
+        return status()
+    except BrokenPipeError:  # `felixpy lab status | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def up(args: argparse.Namespace) -> int:

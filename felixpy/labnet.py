@@ -787,6 +787,8 @@ class Lab:
         self.ledger.data.setdefault("spec", spec.to_json())
         self.ledger.data.setdefault("workdir", str(workdir))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Extra agent environment (tests: knobs such as timers); applied last, after the lab's own.
+        self.extra_env: dict[str, str] = {}
         ds = self.ledger.data.get("datastore") or {}
         self.ds: DatastoreInfo | None = DatastoreInfo(**ds) if ds else None
 
@@ -879,7 +881,7 @@ class Lab:
             "FELIXPY_BGP_DIR": str(d / "bgp"), "FELIX_HEALTHENABLED": "true",
             # Each node netns has its own ports; 0.0.0.0 lets the lab probe it over the bridge.
             "FELIX_HEALTHHOST": "0.0.0.0", "FELIX_HEALTHPORT": str(HEALTH_PORT),
-            "FELIX_LOGSEVERITYSCREEN": "INFO",
+            "FELIX_LOGSEVERITYSCREEN": "INFO", **self.extra_env,
         })
 
     def start_agent(self, node: str) -> subprocess.Popen[bytes]:

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class BgpCalculator:
-    def __init__(self, node: str, *, router_id_setting: str = "", enabled: bool = True) -> None:
+    def __init__(self, node: str, *, router_id_setting: str = "", enabled: bool = True,
+                 hold_time: int = 90) -> None:
+        self.hold_time = hold_time
         self.node = node
         self.enabled = enabled
         self.router_id_setting = router_id_setting
@@ -46,7 +48,8 @@ class BgpCalculator:
         local = bgp_peers.compute_local_config(self.node, self.nodes, glob, node_cfg,
                                                [self.peer_rules[k] for k in sorted(self.peer_rules)],
                                                router_id_setting=self.router_id_setting,
-                                               node_cfgs=[self.configs[k] for k in sorted(self.configs)])
+                                               node_cfgs=[self.configs[k] for k in sorted(self.configs)],
+                                               hold_time=self.hold_time)
         cfg_msg = BgpConfigUpdate(local)
         if cfg_msg != self._config:
             self._config = cfg_msg

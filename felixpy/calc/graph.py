@@ -12,6 +12,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 
+from felixpy.calc.bgp_calc import BgpCalculator
 from felixpy.calc.messages import (
     InSync,
     LocalBlockRemove,
@@ -20,7 +21,6 @@ from felixpy.calc.messages import (
     WorkloadEndpointRemove,
     WorkloadEndpointUpdate,
 )
-from felixpy.calc.bgp_calc import BgpCalculator
 from felixpy.calc.overlay import LocalOverlay
 from felixpy.calc.routes import RouteResolver
 from felixpy.datastore.api import (
@@ -44,7 +44,7 @@ _Derived = WorkloadEndpointUpdate | LocalBlockUpdate
 
 class CalcGraph:
     def __init__(self, node: str, *, overlay_ttl: float = 60.0, router_id_setting: str = "",
-                 bgp_enabled: bool = False) -> None:
+                 bgp_enabled: bool = False, bgp_hold_time: int = 90) -> None:
         self.node = node
         self._synced: dict[Key, Resource] = {}
         self.overlay = LocalOverlay(overlay_ttl)
@@ -53,7 +53,8 @@ class CalcGraph:
         self._in_sync_pending = False
         self.invalid_resources = 0
         self.routes = RouteResolver(node)
-        self.bgp = BgpCalculator(node, router_id_setting=router_id_setting, enabled=bgp_enabled)
+        self.bgp = BgpCalculator(node, router_id_setting=router_id_setting, enabled=bgp_enabled,
+                                 hold_time=bgp_hold_time)
 
     # -- inputs -------------------------------------------------------------------------------------
     def on_updates(self, updates: Iterable[Update]) -> None:

@@ -77,9 +77,9 @@ class RouteResolver:
     def pool_for(self, net: IPNet) -> IPPool | None:
         best: IPPool | None = None
         for p in self.pools.values():
-            if p.cidr.version == net.version and net.subnet_of(p.cidr):  # type: ignore[arg-type]
-                if best is None or p.cidr.prefixlen > best.cidr.prefixlen:
-                    best = p
+            if (p.cidr.version == net.version and net.subnet_of(p.cidr)  # type: ignore[arg-type]
+                    and (best is None or p.cidr.prefixlen > best.cidr.prefixlen)):
+                best = p
         return best
 
     def host(self) -> HostTunnelUpdate:

@@ -59,6 +59,10 @@ class DatastoreEnv:
         return dict(self.kas.request("GET", f"/api/v1/namespaces/{ns}/pods/{name}"))
 
 
+def _nft_table_exists(family: str = "ip", name: str = "calico") -> bool:
+    return subprocess.run(["nft", "list", "table", family, name], capture_output=True).returncode == 0
+
+
 @dataclass
 class Agent:
     ds: DatastoreEnv
@@ -79,10 +83,15 @@ class Agent:
 
     def start(self, timeout: float = 60.0) -> None:
         self.health_port = free_port()
+        # This agent runs in the host's own network namespace: no BGP sidecar here (single node), its
+        # files in the test's dir, and the NAT table it creates is removed again by stop().
+        self._nat_table_existed = _nft_table_exists()
         env = {**os.environ, **self.ds.agent_env(), "NODENAME": self.node, "CALICO_IPV4POOL_CIDR": self.pool,
                "FELIXPY_CNI_SOCKET": self.socket, "FELIX_HEALTHPORT": str(self.health_port),
                "FELIX_HEALTHHOST": "127.0.0.1", "FELIXPY_STATE_DIR": str(self.workdir / "state"),
-               "FELIX_ROUTEREFRESHINTERVAL": "30", **self.extra_env}
+               "FELIX_ROUTEREFRESHINTERVAL": "30", "CALICO_NETWORKING_BACKEND": "none",
+               "FELIXPY_BGP_DIR": str(self.workdir / "bgp"), "CALICO_IPV4POOL_NAT_OUTGOING": "false",
+               **self.extra_env}
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen([sys.executable, "-m", "felixpy", "agent"], env=env, cwd=REPO,
                                      stdout=log, stderr=subprocess.STDOUT)
@@ -118,6 +127,8 @@ class Agent:
             self.proc.kill()
             self.proc.wait(5)
         self.proc = None
+        if not getattr(self, "_nat_table_existed", True) and _nft_table_exists():
+            subprocess.run(["nft", "delete", "table", "ip", "calico"], check=False, capture_output=True)
 
     def log_tail(self, n: int = 4000) -> str:
         try:

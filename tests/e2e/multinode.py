@@ -83,18 +83,19 @@ class Cluster:
     per node, the ExaBGP sidecar in BGP modes, a BIRD route reflector with ``rr=True``.
 
     ``mode``: bgp | vxlan | vxlan-crosssubnet | ipip (see :data:`felixpy.labnet.MODES`).
-    ``datastore``: etcdv3 | kubernetes.
+    ``datastore``: etcdv3 | kubernetes. ``agent_env``: extra environment for every agent (applied last).
     """
 
     def __init__(self, mode: str = "bgp", nodes: int = 3, datastore: str = "etcdv3", rr: bool = False,
                  subnets: int = 0, *, pool: str = "10.244.0.0/16", start_agents: bool = True,
-                 ready_timeout: float = 90.0) -> None:
+                 ready_timeout: float = 90.0, agent_env: dict[str, str] | None = None) -> None:
         self.prefix = f"mn{secrets.token_hex(3)}"
         self.workdir = Path(tempfile.mkdtemp(prefix=f"felixpy-{self.prefix}-", dir=temp_root()))
         spec = LabSpec(prefix=self.prefix, nodes=nodes, mode=mode, datastore=datastore, rr=rr, subnets=subnets,
                        base="", pool=pool)
         self._spec_args = spec
         self.start_agents = start_agents
+        self.agent_env = dict(agent_env or {})
         self.ready_timeout = ready_timeout
         self._lab: Lab | None = None
         self._missing: dict[str, str] = {}  # capability -> why the agent lacks it ("" = present)
@@ -105,6 +106,7 @@ class Cluster:
         ready. On failure everything made so far is removed before the error propagates."""
         spec = LabSpec(**{**self._spec_args.to_json(), "base": labnet.pick_base()})
         lab = self._lab = Lab(spec, self.workdir, Ledger({}))
+        lab.extra_env = self.agent_env
         try:
             lab.build_network()
             lab.start_datastore()

@@ -107,7 +107,10 @@ def test_deleting_a_block_removes_its_route_elsewhere(cluster: tuple[str, Cluste
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[tuple[Cluster, list[Pod]]]:
-    with Cluster(mode="bgp", nodes=3) as c:
+    # Short timers so "a peer goes away" resolves in seconds: hold 6 s, and peers keep a vanished node's
+    # routes for its 10 s graceful-restart time (still far longer than an ExaBGP restart takes).
+    with Cluster(mode="bgp", nodes=3, agent_env={"FELIXPY_BGP_HOLD_TIME": "6"}) as c:
+        c.upsert(KIND_BGP_CONFIG, "default", {"nodeMeshMaxRestartTime": "10s"})
         c.require_bgp_config()
         pods = [c.add_pod(n) for n in (1, 2, 3)]
         assert c.wait_for(lambda: all_reach(c, pods), CONVERGE, 0.5), f"{c.failing(pods)}\n{c.diagnostics()}"

@@ -67,7 +67,7 @@ def test_vxlan_always_routes_via_remote_vtep() -> None:
     routes = [m for m in out if isinstance(m, RemoteBlockRoute)]
     assert routes == [RemoteBlockRoute(ipaddress.IPv4Network("10.244.2.0/26"), ROUTE_VXLAN,
                                        ipaddress.IPv4Address("10.244.2.0"), "n2")]
-    assert [m for m in out if isinstance(m, IPPoolUpdate)][0].nat_outgoing is True
+    assert next(m for m in out if isinstance(m, IPPoolUpdate)).nat_outgoing is True
     # Order: pools, host, VTEPs before the routes that use them.
     kinds = [type(m).__name__ for m in out]
     assert kinds.index("VtepUpdate") < kinds.index("RemoteBlockRoute")
@@ -109,7 +109,7 @@ def test_bgp_pools_get_no_felix_routes_and_malformed_inputs_are_skipped() -> Non
     out = run(g, pool("p", "10.244.0.0/16", ipip="Always"), node("n1", "172.31.1.1/24"),
               node("n2", "172.31.1.2/24"), block("10.244.2.0/26", "n2"), bad_node, bad_pool)
     assert not [m for m in out if isinstance(m, RemoteBlockRoute | VtepUpdate)]
-    host = [m for m in out if isinstance(m, HostTunnelUpdate)][0]
+    host = next(m for m in out if isinstance(m, HostTunnelUpdate))
     assert host.ipip_enabled and not host.vxlan_enabled
     assert g.invalid_resources == 2
     # The pool going away is announced, and VXLAN stays off.
@@ -146,5 +146,5 @@ def test_bgp_calc_full_mesh_and_announcements() -> None:
     # Mesh off: no peers.
     out = run(g, Update(Key("BGPConfiguration", "default"), {"metadata": {"name": "default"},
                                                              "spec": {"nodeToNodeMeshEnabled": False}}, "3"))
-    cfg2 = [m for m in out if isinstance(m, BgpConfigUpdate)][0].config
+    cfg2 = next(m for m in out if isinstance(m, BgpConfigUpdate)).config
     assert cfg2 is not None and cfg2.peers == ()
