@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import re
 import shutil
@@ -42,7 +43,7 @@ from felixpy.calc.messages import BgpConfigUpdate, InSync
 from felixpy.dataplane.bgp_route_mgr import BgpRouteManager
 from felixpy.dataplane.drivers.routetable import RouteTable
 from felixpy.dataplane.loop import Dataplane
-from felixpy.dataplane.shims.netlink import Netlink
+from felixpy.dataplane.shims.netlink import RTNLGRP_IPV4_ROUTE, Monitor, Netlink, Overflow, RouteEvent
 from felixpy.ipam.pools import IPPool
 
 ASN = 64512
@@ -83,14 +84,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _alive(pid: int) -> bool:
+    try:  # a zombie still answers kill(0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """Stop a process that is not our child (found in one of our namespaces)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
@@ -107,9 +114,13 @@ class NetLab:
                                              else None))
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.sw = self._netns("sw")
-        sh("ip", "-n", self.sw, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.sw, "link", "set", "br0", "up")
+        try:
+            self.sw = self._netns("sw")
+            sh("ip", "-n", self.sw, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", self.sw, "link", "set", "br0", "up")
+        except BaseException:
+            self.close()
+            raise
 
     def _netns(self, suffix: str) -> str:
         name = f"{self.prefix}{suffix}"
@@ -147,17 +158,24 @@ class NetLab:
             return ""
         return f"--- {log_name} ---\n" + "\n".join(text)
 
-    def close(self) -> None:
-        # Sidecars first (SIGTERM makes them stop their ExaBGP); then anything else we started.
+    def stop_processes(self) -> None:
+        # In reverse start order, so sidecars (SIGTERM makes them stop their ExaBGP) go before the BIRDs.
         for p in reversed(self.procs):
             if p.poll() is None:
-                _stop_pid(p.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(1)
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         # Whatever still runs inside our namespaces (an ExaBGP whose sidecar died, a relay) is ours too.
         for ns in self.namespaces:
             for pid in sh("ip", "netns", "pids", ns, check=False).split():
                 _stop_pid(int(pid), timeout=3.0)
+
+    def close(self) -> None:
+        self.stop_processes()
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()
@@ -275,6 +293,16 @@ class PrefixCounter:
         os.close(self.fd)
 
 
+def check_routes(ns: str, nets: Sequence[ipaddress.IPv4Network], gateway: ipaddress.IPv4Address) -> None:
+    """Raise unless the namespace's main table holds exactly ``nets`` as proto-bird routes via ``gateway``."""
+    with Netlink(f"/run/netns/{ns}") as nl:
+        got = {r.dst: r.gateway for r in nl.routes() if r.protocol == names.RTPROT_BIRD}
+    wrong = [(d, g) for d, g in got.items() if g != gateway]
+    if set(got) != set(nets) or wrong:
+        raise RuntimeError(f"{ns}: {len(got)} proto-bird routes, expected {len(nets)} via {gateway}; "
+                           f"wrong gateway: {wrong[:3]}")
+
+
 class ProcNetns:
     """A sleeping process in a namespace, so /proc/<pid>/net/* of that namespace can be read."""
 
@@ -289,6 +317,63 @@ class ProcNetns:
 
 def _netns_id(ns: str) -> str:
     return f"net:[{os.stat(f'/run/netns/{ns}').st_ino}]"
+
+
+class RouteWatch:
+    """Route events of one namespace, each stamped with time.perf_counter() when the event loop reads it.
+
+    For single-route latencies: ``ip monitor``-style multicast, no polling interval to round up to.
+    """
+
+    def __init__(self, ns: str) -> None:
+        self.mon = Monitor((RTNLGRP_IPV4_ROUTE,), netns=f"/run/netns/{ns}")
+        # (time, deleted, dst, gateway, protocol)
+        self.events: list[tuple[float, bool, ipaddress.IPv4Network, object, int]] = []
+        self.overflows = 0
+        self._changed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.mon.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        now = time.perf_counter()
+        for ev in self.mon.read_events():
+            if isinstance(ev, Overflow):
+                self.overflows += 1
+            elif isinstance(ev, RouteEvent):
+                r = ev.route
+                if isinstance(r.dst, ipaddress.IPv4Network):
+                    self.events.append((now, ev.deleted, r.dst, r.gateway, r.protocol))
+        self._changed.set()
+
+    def find(self, dst: ipaddress.IPv4Network, deleted: bool, since: float, protocol: int = names.RTPROT_BIRD
+             ) -> tuple[float, bool, ipaddress.IPv4Network, object, int] | None:
+        for ev in self.events:
+            if ev[0] >= since and ev[2] == dst and ev[1] == deleted and ev[4] == protocol:
+                return ev
+        return None
+
+    async def wait(self, dst: ipaddress.IPv4Network, deleted: bool, since: float, timeout: float,
+                   protocol: int = names.RTPROT_BIRD) -> tuple[float, bool, ipaddress.IPv4Network, object, int]:
+        """The first event of ``protocol`` for ``dst`` (added, or deleted) read at or after ``since``."""
+        end = time.perf_counter() + timeout
+        while True:
+            ev = self.find(dst, deleted, since, protocol)
+            if ev is not None:
+                return ev
+            left = end - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(f"no {'delete' if deleted else 'add'} event for {dst} within {timeout:g} s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.mon.fileno())
+        self.mon.close()
 
 
 # ------------------------------------------------------------------------------------------------ ours
@@ -349,19 +434,17 @@ class OurNode:
         return (f"{self.name}: connected={self.ctl.speaker.connected} synced={self.ctl.speaker.synced} "
                 f"peers={self.ctl.speaker.peer_status()}\n" + self.lab.log_tail(f"{self.name}-sidecar.log"))
 
-    def bgp_routes(self) -> list[tuple[ipaddress.IPv4Network, object]]:
-        """(dst, gateway) of the proto-bird routes in the node's main table (a full netlink dump)."""
-        with Netlink(f"/run/netns/{self.ns}") as nl:
-            return [(r.dst, r.gateway) for r in nl.routes() if r.protocol == names.RTPROT_BIRD
-                    and isinstance(r.dst, ipaddress.IPv4Network)]
-
     async def stop(self) -> None:
+        # Losing ExaBGP on purpose: its warnings (routes kept stale, status file gone) are noise here.
+        for name in ("bgp", "felixpy"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
+        await asyncio.sleep(0.05)  # let the callbacks the cancellations scheduled run before the files go
         self.dataplane.close()
         self.nl.close()
 
@@ -392,13 +475,22 @@ def thread_wait(counter: PrefixCounter, target: int, timeout: float, interval: f
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[float] = loop.create_future()
 
+    def settle(result: float | None, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            assert result is not None
+            fut.set_result(result)
+
     def run() -> None:
         try:
             t = counter.wait(target, timeout, interval)
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting side
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+        except BaseException as e:  # handed to the awaiting side
+            loop.call_soon_threadsafe(settle, None, e)
             return
-        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(t))
+        loop.call_soon_threadsafe(settle, t, None)
 
     threading.Thread(target=run, daemon=True, name="fib-poller").start()
     return fut

@@ -159,8 +159,11 @@ def service_cidrs(global_cfg: BgpGlobal | None) -> set[ipaddress.IPv4Network]:
 # ------------------------------------------------------------------------------------------- import
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def _bad_next_hop(nh: ipaddress.IPv4Address) -> bool:
-    return nh.is_unspecified or nh.is_loopback or nh.is_multicast or nh == ipaddress.IPv4Address("255.255.255.255")
+    return nh.is_unspecified or nh.is_loopback or nh.is_multicast or nh == _BROADCAST
 
 
 def _pool_for(prefix: ipaddress.IPv4Network, pools: Sequence[PoolLike]) -> PoolLike | None:

@@ -32,7 +32,19 @@ TOPOLOGIES: dict[str, dict[str, Any]] = {
     "bgp-peers": {"mode": "bgp"},  # mesh off, one global BGPPeer per node address
     "vxlan": {"mode": "vxlan"},
     "vxlan-crosssubnet": {"mode": "vxlan-crosssubnet"},
+    "ipip": {"mode": "ipip"},  # runs only where the kernel has IPIP
 }
+
+
+def need_ipip(topo: str) -> None:
+    if topo != "ipip":
+        return
+    from felixpy.dataplane.shims.netlink import Netlink, ipip_supported
+
+    with Netlink() as nl:
+        ok, reason = ipip_supported(nl)
+    if not ok:
+        pytest.skip(f"IPIP topology: {reason}")
 
 
 def need_kube(datastore: str) -> None:
@@ -59,6 +71,7 @@ def explicit_peers(c: Cluster) -> None:
 def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[str, Cluster]]:
     topo, datastore = request.param
     need_kube(datastore)
+    need_ipip(topo)
     with Cluster(nodes=3, datastore=datastore, **TOPOLOGIES[topo]) as c:
         if topo == "bgp-peers":
             explicit_peers(c)
@@ -79,6 +92,8 @@ def test_every_pod_pings_every_other_pod(cluster: tuple[str, Cluster]) -> None:
     on_n1 = " ".join(c.routes_to(1, block3))
     if topo.startswith("bgp"):
         assert "vxlan" not in on_n1 and c.node(3).ip in on_n1, on_n1  # no encapsulation: via the node itself
+    elif topo == "ipip":
+        assert "tunl0" in on_n1 and c.node(3).ip in on_n1, on_n1
     elif topo == "vxlan":
         assert "vxlan.calico" in on_n1, on_n1
     else:  # CrossSubnet: n3 sits behind the router, n2 shares n1's subnet
