@@ -12,7 +12,7 @@ over a node from calico-node (and back). Never change them.
 | routes on ``vxlan.calico``, ``tunl0``  | tunnel managers (route driver)         | link name (and ``proto 80``)   |
 | ``vxlan.calico`` link, its ARP and FDB | VXLAN device driver                    | link name                      |
 | ``tunl0`` address and MTU              | IPIP device driver                     | link name                      |
-| nft table ``ip calico``                | nftables driver (NAT now, policy next) | table name                     |
+| nft table ``ip calico``                | nftables driver (NAT and policy)       | table name, ``cali:`` hashes   |
 """
 
 from __future__ import annotations

@@ -150,6 +150,16 @@ class IPSetRemove:
 
 
 @dataclass(frozen=True)
+class IPSetDeltaUpdate:
+    """Membership change of a set already sent with IPSetUpdate (only when the calculator is asked for
+    deltas): apply ``removed`` and ``added`` to the previous membership."""
+
+    set_id: str
+    added: frozenset[IPNet]
+    removed: frozenset[IPNet]
+
+
+@dataclass(frozen=True)
 class ActivePolicyUpdate:
     """A policy that applies to at least one local endpoint, with its rules; sets it needs come first."""
 

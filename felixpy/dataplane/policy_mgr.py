@@ -1,0 +1,356 @@
+"""Network policy into the nftables table: Felix's policy, profile, IP set and endpoint managers in one.
+
+Input (``felixpy.model.policy``): ``IPSetUpdate/DeltaUpdate/Remove``, ``ActivePolicyUpdate/Remove``,
+``ActiveProfileUpdate/Remove``, ``EndpointPolicyUpdate/Remove``. ``on_update`` only records and marks
+things dirty; ``complete_deferred_work`` renders what changed (:mod:`felixpy.dataplane.policy_render`)
+and hands it to the :class:`NftTable`'s setters, which diff by hash, so only changed chains and set
+elements reach the kernel and the whole batch is one transaction (sets are declared in it before the
+rules that use them).
+
+Robustness (a bad or early object must never break dispatch for every pod, since the driver refuses
+a chain or verdict map that refers to something missing):
+
+- a set a chain refers to but that has not arrived (or was removed while still used) is programmed
+  empty: it matches nothing, as Felix's empty ipset would;
+- an endpoint chain leaves out jumps to policy or profile chains that do not exist (yet) and is
+  re-rendered when they appear; the tier still ends in its drop, so this fails closed;
+- staged policies, and pre-DNAT / do-not-track ones (host endpoints only), are never jumped to;
+- a policy, profile, set or endpoint that cannot be rendered is logged and listed in ``errors``; what
+  the manager last pushed for it stays (an endpoint that was never valid gets no chain, so its
+  interface hits "Unknown interface" and is dropped);
+- two endpoints claiming one interface: the latest update wins, the other takes over when it goes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import replace
+
+from felixpy.dataplane.drivers.nftables import NftTable
+from felixpy.dataplane.policy_render import (
+    MAP_FROM_WL_DISPATCH,
+    MAP_TO_WL_DISPATCH,
+    ChainSpec,
+    PolicyRenderError,
+    RenderOptions,
+    dispatch_elements,
+    endpoint_chain_name,
+    nft_set_name,
+    policy_chain_name,
+    policy_chains,
+    profile_chain_name,
+    profile_chains,
+    render_endpoint_chain,
+    rules_set_ids,
+    static_chains,
+)
+from felixpy.model.policy import (
+    EGRESS,
+    INGRESS,
+    ActivePolicyRemove,
+    ActivePolicyUpdate,
+    ActiveProfileRemove,
+    ActiveProfileUpdate,
+    EndpointPolicyRemove,
+    EndpointPolicyUpdate,
+    IPNet,
+    IPSetDeltaUpdate,
+    IPSetRemove,
+    IPSetUpdate,
+    Policy,
+    PolicyKey,
+    Profile,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PolicyManager:
+    def __init__(self, table: NftTable, *, options: RenderOptions | None = None) -> None:
+        fam = {"ip": 4, "ip6": 6}.get(table.family)
+        if fam is None:
+            raise ValueError(f"the policy manager needs an nft table of family ip or ip6, not {table.family}")
+        opts = options if options is not None else RenderOptions(ip_version=fam)
+        if options is not None and options.ip_version != fam:
+            opts = replace(options, ip_version=fam)
+        opts.validate()
+        self._t = table
+        self.options = opts
+        self.ip_version = fam
+        # Desired input.
+        self._sets: dict[str, frozenset[IPNet]] = {}
+        self._policies: dict[PolicyKey, Policy] = {}
+        self._profiles: dict[str, Profile] = {}
+        self._endpoints: dict[str, EndpointPolicyUpdate] = {}
+        self._ep_seq: dict[str, int] = {}
+        self._by_iface: dict[str, set[str]] = {}  # iface -> endpoints claiming it
+        self._seq = 0
+        # Dirty marks.
+        self._dirty_sets: set[str] = set()
+        self._dirty_policies: set[PolicyKey] = set()
+        self._dirty_profiles: set[str] = set()
+        self._dirty_ifaces: set[str] = set()
+        self._static_done = False
+        self._dispatch_dirty = True
+        # What was pushed into the table.
+        self._obj_chains: dict[str, tuple[str, ...]] = {}  # "policy <id>" / "profile <name>" -> chains
+        self._chain_sets: dict[str, frozenset[str]] = {}  # policy/profile chain -> set ids it uses
+        self._referenced: frozenset[str] = frozenset()
+        self._pushed_sets: set[str] = set()
+        self._hidden: set[PolicyKey] = set()  # staged / host-endpoint-only: never jumped to
+        self._iface_ep: dict[str, str] = {}  # iface -> endpoint whose chains are pushed
+        self._iface_wants: dict[str, frozenset[str]] = {}  # iface -> policy/profile chains it refers to
+        self._wanted_by: dict[str, set[str]] = {}  # policy/profile chain -> ifaces referring to it
+        self.errors: dict[str, str] = {}  # "policy <id>" / "profile <n>" / "set <id>" / "endpoint <k>" -> why
+
+    # -- messages (cheap) ---------------------------------------------------------------------------
+    def on_update(self, msg: object) -> None:
+        if isinstance(msg, IPSetUpdate):
+            if self._sets.get(msg.set_id) != msg.members:
+                self._sets[msg.set_id] = msg.members
+                self._dirty_sets.add(msg.set_id)
+        elif isinstance(msg, IPSetDeltaUpdate):
+            prev = self._sets.get(msg.set_id)
+            if prev is None:
+                log.warning("IP set %s: membership delta for a set never sent, taking the additions", msg.set_id)
+            new = ((prev or frozenset()) - msg.removed) | msg.added
+            if new != prev:
+                self._sets[msg.set_id] = new
+                self._dirty_sets.add(msg.set_id)
+        elif isinstance(msg, IPSetRemove):
+            if self._sets.pop(msg.set_id, None) is not None:
+                self._dirty_sets.add(msg.set_id)
+        elif isinstance(msg, ActivePolicyUpdate):
+            if self._policies.get(msg.policy.key) != msg.policy:
+                self._policies[msg.policy.key] = msg.policy
+                self._dirty_policies.add(msg.policy.key)
+        elif isinstance(msg, ActivePolicyRemove):
+            if self._policies.pop(msg.key, None) is not None:
+                self._dirty_policies.add(msg.key)
+        elif isinstance(msg, ActiveProfileUpdate):
+            if self._profiles.get(msg.profile.name) != msg.profile:
+                self._profiles[msg.profile.name] = msg.profile
+                self._dirty_profiles.add(msg.profile.name)
+        elif isinstance(msg, ActiveProfileRemove):
+            if self._profiles.pop(msg.name, None) is not None:
+                self._dirty_profiles.add(msg.name)
+        elif isinstance(msg, EndpointPolicyUpdate):
+            old = self._endpoints.get(msg.endpoint)
+            if old == msg:
+                return
+            if old is not None:
+                self._unclaim(msg.endpoint, old.iface)
+            self._endpoints[msg.endpoint] = msg
+            self._by_iface.setdefault(msg.iface, set()).add(msg.endpoint)
+            self._seq += 1
+            self._ep_seq[msg.endpoint] = self._seq
+            self._dirty_ifaces.add(msg.iface)
+        elif isinstance(msg, EndpointPolicyRemove):
+            old = self._endpoints.pop(msg.endpoint, None)
+            if old is not None:
+                self._ep_seq.pop(msg.endpoint, None)
+                self._unclaim(msg.endpoint, old.iface)
+
+    def _unclaim(self, endpoint: str, iface: str) -> None:
+        eps = self._by_iface.get(iface)
+        if eps is not None:
+            eps.discard(endpoint)
+            if not eps:
+                del self._by_iface[iface]
+        self._dirty_ifaces.add(iface)
+
+    # -- dataplane thread ---------------------------------------------------------------------------
+    def complete_deferred_work(self) -> None:
+        t = self._t
+        if not self._static_done:
+            for spec in static_chains(self.options):
+                t.set_chain(spec.name, spec.rules, base=spec.base)
+            self._static_done = True
+        changed_chains: set[str] = set()  # policy/profile chains that appeared, went or changed visibility
+        for key in sorted(self._dirty_policies, key=lambda k: k.id):
+            changed_chains |= self._sync_policy(key)
+        for name in sorted(self._dirty_profiles):
+            changed_chains |= self._sync_profile(name)
+        self._dirty_policies.clear()
+        self._dirty_profiles.clear()
+        self._sync_sets()
+        for chain in changed_chains:
+            self._dirty_ifaces |= self._wanted_by.get(chain, set())
+        if self._dirty_ifaces:
+            for iface in sorted(self._dirty_ifaces):
+                self._sync_iface(iface)
+            self._dirty_ifaces.clear()
+        if self._dispatch_dirty:
+            from_wl, to_wl = dispatch_elements(self._iface_ep)
+            fw: dict[object, object] = {k: v for k, v in from_wl.items()}
+            tw: dict[object, object] = {k: v for k, v in to_wl.items()}
+            t.set_map(MAP_FROM_WL_DISPATCH, "ifname", "verdict", fw)
+            t.set_map(MAP_TO_WL_DISPATCH, "ifname", "verdict", tw)
+            self._dispatch_dirty = False
+
+    # -- policies and profiles ----------------------------------------------------------------------
+    def _push_chains(self, obj: str, specs: list[ChainSpec], sets: frozenset[str]) -> set[str]:
+        """Push an object's chains, remove those it no longer has; returns chain names added or removed."""
+        old = set(self._obj_chains.get(obj, ()))
+        new = {s.name for s in specs}
+        for s in specs:
+            self._t.set_chain(s.name, s.rules)
+            self._chain_sets[s.name] = sets
+        for name in old - new:
+            self._t.remove_chain(name)
+            self._chain_sets.pop(name, None)
+        if new:
+            self._obj_chains[obj] = tuple(sorted(new))
+        else:
+            self._obj_chains.pop(obj, None)
+        return old ^ new
+
+    def _sync_policy(self, key: PolicyKey) -> set[str]:
+        obj = f"policy {key.id}"
+        pol = self._policies.get(key)
+        was_hidden = key in self._hidden
+        hidden = pol is not None and (pol.staged or pol.pre_dnat or pol.do_not_track)
+        if hidden:
+            self._hidden.add(key)
+        else:
+            self._hidden.discard(key)
+        names = {policy_chain_name(key, d) for d in (INGRESS, EGRESS)}
+        visibility = names if was_hidden != hidden else set()
+        if pol is None or hidden:
+            self.errors.pop(obj, None)
+            return self._push_chains(obj, [], frozenset()) | visibility
+        try:
+            specs = policy_chains(pol, self.options)
+            sets = rules_set_ids((*pol.ingress, *pol.egress))
+            for s in sets:
+                nft_set_name(s, self.ip_version)
+            changed = self._push_chains(obj, specs, sets)
+        except ValueError as e:  # PolicyRenderError or the driver refusing a rule
+            self._error(obj, e)
+            return visibility
+        self.errors.pop(obj, None)
+        return changed | visibility
+
+    def _sync_profile(self, name: str) -> set[str]:
+        obj = f"profile {name}"
+        prof = self._profiles.get(name)
+        if prof is None:
+            self.errors.pop(obj, None)
+            return self._push_chains(obj, [], frozenset())
+        try:
+            specs = profile_chains(prof, self.options)
+            sets = rules_set_ids((*prof.ingress, *prof.egress))
+            for s in sets:
+                nft_set_name(s, self.ip_version)
+            changed = self._push_chains(obj, specs, sets)
+        except ValueError as e:
+            self._error(obj, e)
+            return set()
+        self.errors.pop(obj, None)
+        return changed
+
+    # -- IP sets ------------------------------------------------------------------------------------
+    def _sync_sets(self) -> None:
+        referenced = frozenset(s for ids in self._chain_sets.values() for s in ids)
+        todo = self._dirty_sets | (referenced ^ self._referenced)
+        self._referenced = referenced
+        self._dirty_sets = set()
+        addr = "ipv4_addr" if self.ip_version == 4 else "ipv6_addr"
+        for set_id in sorted(todo):
+            obj = f"set {set_id}"
+            try:
+                name = nft_set_name(set_id, self.ip_version)
+            except PolicyRenderError as e:
+                self._error(obj, e)
+                continue
+            members = self._sets.get(set_id)
+            if members is None and set_id not in referenced:
+                self._t.remove_set(name)
+                self._pushed_sets.discard(set_id)
+                self.errors.pop(obj, None)
+                continue
+            # A referenced set that has not arrived is programmed empty (matches nothing).
+            elems = sorted((n for n in members or () if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network)
+                            and n.version == self.ip_version), key=str)
+            try:
+                self._t.set_set(name, addr, elems, flags=("interval",))
+            except ValueError as e:
+                self._error(obj, e)
+                continue
+            self._pushed_sets.add(set_id)
+            self.errors.pop(obj, None)
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    def _owner(self, iface: str) -> EndpointPolicyUpdate | None:
+        eps = self._by_iface.get(iface)
+        if not eps:
+            return None
+        return self._endpoints[max(eps, key=lambda k: self._ep_seq.get(k, 0))]
+
+    def _sync_iface(self, iface: str) -> None:
+        ep = self._owner(iface)
+        pushed = self._iface_ep.get(iface)
+        if ep is None:
+            if pushed is not None:
+                for d in (INGRESS, EGRESS):
+                    self._t.remove_chain(endpoint_chain_name(iface, d))
+                del self._iface_ep[iface]
+                self._dispatch_dirty = True
+                self.errors.pop(f"endpoint {pushed}", None)
+            self._set_wants(iface, frozenset())
+            return
+        obj = f"endpoint {ep.endpoint}"
+        existing = self._t.chain_names()
+        wants: set[str] = set()
+        for tier in ep.tiers:
+            wants |= {policy_chain_name(k, INGRESS) for k in tier.ingress}
+            wants |= {policy_chain_name(k, EGRESS) for k in tier.egress}
+        for p in ep.profiles:
+            wants |= {profile_chain_name(p, d) for d in (INGRESS, EGRESS)}
+        self._set_wants(iface, frozenset(wants))
+        try:
+            chains = [(endpoint_chain_name(iface, d),
+                       render_endpoint_chain(ep, d, self.options, available=existing.__contains__,
+                                             staged=self._hidden.__contains__))
+                      for d in (INGRESS, EGRESS)]
+            for name, rules in chains:
+                self._t.set_chain(name, rules)
+        except ValueError as e:
+            self._error(obj, e)
+            return
+        missing = sorted(wants - existing)
+        if missing:
+            log.info("endpoint %s: chains %s not there yet, left out", ep.endpoint, ", ".join(missing))
+        self.errors.pop(obj, None)
+        if pushed != ep.endpoint:
+            if pushed is None:
+                self._dispatch_dirty = True
+            self._iface_ep[iface] = ep.endpoint
+
+    def _set_wants(self, iface: str, wants: frozenset[str]) -> None:
+        old = self._iface_wants.get(iface, frozenset())
+        for c in old - wants:
+            s = self._wanted_by.get(c)
+            if s is not None:
+                s.discard(iface)
+                if not s:
+                    del self._wanted_by[c]
+        for c in wants - old:
+            self._wanted_by.setdefault(c, set()).add(iface)
+        if wants:
+            self._iface_wants[iface] = wants
+        else:
+            self._iface_wants.pop(iface, None)
+
+    def _error(self, obj: str, e: Exception) -> None:
+        why = str(e)
+        if self.errors.get(obj) != why:
+            log.error("policy dataplane: %s not programmed (what was there stays): %s", obj, why)
+        self.errors[obj] = why
+
+    # -- status -------------------------------------------------------------------------------------
+    @property
+    def endpoint_ifaces(self) -> frozenset[str]:
+        """Interfaces whose endpoint chains are in the desired state."""
+        return frozenset(self._iface_ep)

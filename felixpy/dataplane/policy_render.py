@@ -1,0 +1,555 @@
+"""Network policy as nftables rules (pure: text in, text out, no I/O).
+
+Layout (table ``ip calico`` / ``ip6 calico``, shared with the NAT chains, so every name here follows
+Calico's nft mode, ``filter-<iptables chain>``; the NAT manager's ``nat-*`` chains never collide):
+
+- base chains ``filter-FORWARD`` and ``filter-INPUT`` (type filter, priority filter = 0, policy accept);
+- ``filter-cali-FORWARD``: clears our mark bits, then ``iifname "cali*"`` jumps to the from-workload
+  dispatch chain and ``oifname "cali*"`` to the to-workload one (pod to pod on one node runs both:
+  the sender's egress chain, then the receiver's ingress chain, which starts by clearing the marks);
+  back in ``filter-FORWARD`` a packet with the accept bit is accepted;
+- dispatch: chains ``filter-cali-from-wl-dispatch`` / ``filter-cali-to-wl-dispatch`` hold one rule each,
+  ``iifname vmap @cali-from-wl-dispatch`` (``oifname``, ``@cali-to-wl-dispatch``): named verdict maps
+  from interface to ``goto filter-cali-fw-<iface>`` / ``goto filter-cali-tw-<iface>``, so endpoints come
+  and go by map elements; an interface not in the map falls to ``drop`` ("Unknown interface");
+- ``filter-cali-INPUT``: ``iifname "cali*" goto filter-cali-wl-to-host``, which runs the from-workload
+  dispatch (egress policy applies to pod -> host traffic) and then DefaultEndpointToHostAction;
+- endpoint chains ``filter-cali-tw-<iface>`` (to the workload: ingress policy) and
+  ``filter-cali-fw-<iface>`` (from the workload: egress policy), Calico's structure (calico-compat 1.6);
+- policy chains ``filter-cali-pi-<id>`` / ``filter-cali-po-<id>`` (``PolicyKey.id``, e.g.
+  ``knp/ns1/allow-web``), profile chains ``filter-cali-pri-<name>`` / ``filter-cali-pro-<name>``;
+- selector IP sets: ``cali40<set id>`` with ``:`` made ``-`` (``cali40s-<hash>``), interval sets of
+  ``ipv4_addr`` (``cali60...``, ``ipv6_addr`` in the ip6 table).
+
+Verdicts and marks (Calico's bits, calico-compat 1.2): a policy chain never accepts. An Allow rule sets
+the accept bit A and returns, Pass sets the pass bit P and returns, Deny drops at once, Log logs and goes
+on. The endpoint chain jumps to each policy of a tier while P is clear, returns as soon as A is set,
+drops at the end of a tier nobody passed (unless the tier's default action is Pass), then tries the
+profiles the same way and finally drops. Only ``filter-FORWARD`` (A set) and the workload-to-host chain
+give the final ``accept``, so one place decides, as in Felix.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from felixpy.dataplane.drivers.nftables import PRIO_FILTER, BaseChain, legal_set_name
+from felixpy.dataplane.drivers.nftables import Rule as NftRule
+from felixpy.model.policy import (
+    ACTION_ALLOW,
+    ACTION_DENY,
+    ACTION_PASS,
+    ACTIONS,
+    EGRESS,
+    INGRESS,
+    KIND_GNP,
+    KIND_KNP,
+    KIND_NP,
+    EndpointPolicyUpdate,
+    EntityMatch,
+    IPNet,
+    Policy,
+    PolicyKey,
+    PortRange,
+    Profile,
+    Rule,
+    selector_set_id,
+)
+from felixpy.model.selector import SelectorError, parse_selector
+
+# -- names ------------------------------------------------------------------------------------------
+CHAIN_BASE_FORWARD = "filter-FORWARD"
+CHAIN_BASE_INPUT = "filter-INPUT"
+CHAIN_FORWARD = "filter-cali-FORWARD"
+CHAIN_INPUT = "filter-cali-INPUT"
+CHAIN_WL_TO_HOST = "filter-cali-wl-to-host"
+CHAIN_FROM_WL_DISPATCH = "filter-cali-from-wl-dispatch"
+CHAIN_TO_WL_DISPATCH = "filter-cali-to-wl-dispatch"
+MAP_FROM_WL_DISPATCH = "cali-from-wl-dispatch"  # sets and chains have separate namespaces in nft
+MAP_TO_WL_DISPATCH = "cali-to-wl-dispatch"
+
+PREFIX_POLICY_IN = "filter-cali-pi-"
+PREFIX_POLICY_OUT = "filter-cali-po-"
+PREFIX_PROFILE_IN = "filter-cali-pri-"
+PREFIX_PROFILE_OUT = "filter-cali-pro-"
+PREFIX_TO_WL = "filter-cali-tw-"
+PREFIX_FROM_WL = "filter-cali-fw-"
+
+# nft allows 255 characters; longer ids are hashed well before that so names stay readable in listings.
+MAX_CHAIN_NAME = 96
+_HASH_CHARS = 20
+_READABLE_RE = re.compile(r"^[A-Za-z0-9./-]+$")  # never "_": only a hashed name contains one
+_IFACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,14}$")
+_SET_ID_RE = re.compile(r"^[a-z]:[A-Za-z0-9_.-]{1,200}$")
+
+# Room for a rule comment: the driver's 128-byte limit minus its "cali:<16>; " prefix, with slack.
+MAX_COMMENT_BYTES = 100
+
+_KIND_TEXT = {KIND_NP: "NetworkPolicy", KIND_GNP: "GlobalNetworkPolicy", KIND_KNP: "KubernetesNetworkPolicy"}
+_PROTO_NAMES = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "sctp": "sctp", "udplite": "udplite",
+                "icmpv6": "ipv6-icmp"}
+_PORT_PROTOS = frozenset({"tcp", "udp", "sctp", "udplite", "6", "17", "132", "136"})
+_ICMP4 = frozenset({"icmp", "1"})
+_ICMP6 = frozenset({"ipv6-icmp", "58"})
+_DIRECTIONS = (INGRESS, EGRESS)
+_HOST_ACTIONS = {"ACCEPT": "accept", "DROP": "drop", "RETURN": "return"}
+# ICMPv6 a workload needs to reach its host (router/neighbour discovery, MLD), as Felix's wl-to-host.
+_ICMP6_TO_HOST = (130, 131, 132, 133, 135, 136)
+
+
+class PolicyRenderError(ValueError):
+    """A policy, profile, rule or endpoint that cannot be expressed (bad input; nothing is rendered)."""
+
+
+@dataclass(frozen=True)
+class Marks:
+    """The mark bits policy uses (Felix's defaults under mask 0xffff0000)."""
+
+    accept: int = 0x10000
+    pass_: int = 0x20000
+
+    def validate(self) -> None:
+        for name, bit in (("accept", self.accept), ("pass", self.pass_)):
+            if not isinstance(bit, int) or isinstance(bit, bool) or bit <= 0 or bit >= 2**32 or bit & (bit - 1):
+                raise ValueError(f"{name} mark must be a single bit of 32, not {bit!r}")
+        if self.accept == self.pass_:
+            raise ValueError("accept and pass marks must differ")
+
+    @property
+    def both(self) -> int:
+        return self.accept | self.pass_
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Felix settings that shape the rules (defaults are Felix's, except the host action: see below).
+
+    - ``endpoint_to_host_action``: DefaultEndpointToHostAction, ACCEPT | DROP | RETURN, applied to
+      workload -> host traffic after the workload's egress policy allowed it (Felix defaults to DROP; the
+      Calico manifests set ACCEPT, which is what clusters run).
+    - ``allow_vxlan_from_workloads`` / ``allow_ipip_from_workloads``: otherwise encapsulated packets sent
+      by a workload are dropped first thing in its egress chain.
+    - ``drop_invalid``: ``ct state invalid drop`` (DisableConntrackInvalidCheck=false).
+    """
+
+    ip_version: int = 4
+    marks: Marks = field(default_factory=Marks)
+    iface_prefix: str = "cali"
+    endpoint_to_host_action: str = "ACCEPT"
+    allow_vxlan_from_workloads: bool = False
+    allow_ipip_from_workloads: bool = False
+    vxlan_port: int = 4789
+    log_prefix: str = "calico-packet: "
+    drop_invalid: bool = True
+
+    def validate(self) -> None:
+        if self.ip_version not in (4, 6):
+            raise ValueError(f"ip_version must be 4 or 6, not {self.ip_version!r}")
+        self.marks.validate()
+        if not _PREFIX_RE.match(self.iface_prefix):
+            raise ValueError(f"invalid interface prefix {self.iface_prefix!r}")
+        if self.endpoint_to_host_action not in _HOST_ACTIONS:
+            raise ValueError(f"endpoint to host action must be one of {sorted(_HOST_ACTIONS)}, "
+                             f"not {self.endpoint_to_host_action!r}")
+        if not isinstance(self.vxlan_port, int) or not 1 <= self.vxlan_port <= 65535:
+            raise ValueError(f"invalid VXLAN port {self.vxlan_port!r}")
+        if '"' in self.log_prefix or "\\" in self.log_prefix or any(ord(c) < 32 for c in self.log_prefix) \
+                or len(self.log_prefix.encode()) > 127:
+            raise ValueError(f"invalid log prefix {self.log_prefix!r} (max 127 bytes, no quotes)")
+
+
+DEFAULT_OPTIONS = RenderOptions()
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """One chain to hand to the driver."""
+
+    name: str
+    rules: tuple[NftRule, ...]
+    base: BaseChain | None = None
+
+
+def _limited(prefix: str, suffix: str) -> str:
+    """``prefix + suffix`` if that is a plain, short enough name, else a readable start and a hash
+    (Calico's GetLengthLimitedID idea, with nft's room instead of iptables' 28 characters)."""
+    if not suffix:
+        raise PolicyRenderError(f"empty name after {prefix!r}")
+    if _READABLE_RE.match(suffix) and len(prefix) + len(suffix) <= MAX_CHAIN_NAME:
+        return prefix + suffix
+    digest = base64.urlsafe_b64encode(hashlib.sha256(suffix.encode()).digest()).decode()[:_HASH_CHARS]
+    room = MAX_CHAIN_NAME - len(prefix) - _HASH_CHARS - 1
+    readable = re.sub(r"[^A-Za-z0-9./-]", ".", suffix)[:room]
+    return f"{prefix}{readable}_{digest}"
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in _DIRECTIONS:
+        raise PolicyRenderError(f"direction must be {INGRESS} or {EGRESS}, not {direction!r}")
+
+
+def policy_chain_name(key: PolicyKey, direction: str) -> str:
+    _check_direction(direction)
+    return _limited(PREFIX_POLICY_IN if direction == INGRESS else PREFIX_POLICY_OUT, key.id)
+
+
+def profile_chain_name(name: str, direction: str) -> str:
+    _check_direction(direction)
+    return _limited(PREFIX_PROFILE_IN if direction == INGRESS else PREFIX_PROFILE_OUT, name)
+
+
+def check_iface(iface: str) -> str:
+    if not isinstance(iface, str) or not _IFACE_RE.match(iface):
+        raise PolicyRenderError(f"invalid interface name {iface!r}")
+    return iface
+
+
+def endpoint_chain_name(iface: str, direction: str) -> str:
+    """Ingress policy lives in the to-workload chain (``tw``), egress in the from-workload one (``fw``)."""
+    _check_direction(direction)
+    return _limited(PREFIX_TO_WL if direction == INGRESS else PREFIX_FROM_WL, check_iface(iface))
+
+
+def nft_set_name(set_id: str, ip_version: int) -> str:
+    """Felix's IP set name (``cali`` + version + ``0`` + id) made legal for nft (``:`` -> ``-``).
+    Only typed ids (``s:...`` selectors, ``n:...`` named ports) are accepted, so a dynamic set can never
+    take the name of a static one such as the NAT manager's ``cali40masq-ipam-pools``."""
+    if not isinstance(set_id, str) or not _SET_ID_RE.match(set_id):
+        raise PolicyRenderError(f"invalid IP set id {set_id!r} (want '<type letter>:<id>')")
+    if ip_version not in (4, 6):
+        raise PolicyRenderError(f"invalid IP version {ip_version!r}")
+    return legal_set_name(f"cali{ip_version}0{set_id}")
+
+
+def set_id_for_selector(selector: str) -> str:
+    """The set id of an effective selector: :func:`selector_set_id` of its canonical text."""
+    try:
+        canonical = parse_selector(selector).text
+    except SelectorError as e:
+        raise PolicyRenderError(f"invalid selector {selector!r}: {e}") from None
+    return selector_set_id(canonical)
+
+
+def rule_set_ids(rule: Rule) -> frozenset[str]:
+    """The IP sets a rule refers to (whatever IP version it renders for)."""
+    out = set()
+    for side in (rule.source, rule.destination):
+        for sel in (side.selector, side.not_selector):
+            if sel:
+                out.add(set_id_for_selector(sel))
+    return frozenset(out)
+
+
+def rules_set_ids(rules: Iterable[Rule]) -> frozenset[str]:
+    out: set[str] = set()
+    for r in rules:
+        out |= rule_set_ids(r)
+    return frozenset(out)
+
+
+def uses_named_ports(rule: Rule) -> bool:
+    return any(isinstance(p, str) for side in (rule.source, rule.destination) for p in (*side.ports, *side.not_ports))
+
+
+# -- one rule -----------------------------------------------------------------------------------------
+def _mark(v: int) -> str:
+    return f"0x{v:08x}"
+
+
+def _proto(p: str | None, what: str) -> str | None:
+    """A Calico protocol as an nft ``meta l4proto`` value."""
+    if p is None:
+        return None
+    if not isinstance(p, str) or not p.strip():
+        raise PolicyRenderError(f"invalid {what} {p!r}")
+    low = p.strip().lower()
+    if low in _PROTO_NAMES:
+        return _PROTO_NAMES[low]
+    if low.isdigit() and 0 <= int(low) <= 255:
+        return str(int(low))
+    raise PolicyRenderError(f"invalid {what} {p!r}")
+
+
+def _nets_for(nets: Sequence[IPNet], version: int, what: str) -> list[IPNet]:
+    out: list[IPNet] = []
+    for n in nets:
+        if not isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            raise PolicyRenderError(f"{what}: {n!r} is not an IP network")
+        if n.version == version:
+            out.append(n)
+    # Anonymous interval sets refuse overlaps; collapsing matches the same addresses.
+    return list(ipaddress.collapse_addresses(out))  # type: ignore[type-var]
+
+
+def _one_or_set(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _ports_text(ports: Sequence[PortRange], what: str) -> str:
+    spans: list[tuple[int, int]] = []
+    for p in ports:
+        if not isinstance(p, PortRange):
+            raise PolicyRenderError(f"{what}: invalid port {p!r}")
+        if not (isinstance(p.first, int) and isinstance(p.last, int) and 0 <= p.first <= p.last <= 65535):
+            raise PolicyRenderError(f"{what}: invalid port range {p.first}-{p.last}")
+        spans.append((p.first, p.last))
+    merged: list[list[int]] = []
+    for a, b in sorted(spans):  # the kernel refuses overlapping intervals
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return _one_or_set([str(a) if a == b else f"{a}-{b}" for a, b in merged])
+
+
+def _action(rule: Rule, opts: RenderOptions) -> str:
+    m = opts.marks
+    if rule.action == ACTION_ALLOW:
+        return f"meta mark set meta mark | {_mark(m.accept)} return"
+    if rule.action == ACTION_PASS:
+        return f"meta mark set meta mark | {_mark(m.pass_)} return"
+    if rule.action == ACTION_DENY:
+        return "drop"
+    return f'log prefix "{opts.log_prefix}" level notice'
+
+
+def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTIONS) -> list[str]:
+    """nft rule texts (without comments) for one policy rule; ``[]`` when the rule cannot match in this
+    IP version (its ``ip_version``, ICMP flavour or CIDRs belong to the other one) or only through named
+    ports (see below). Raises :class:`PolicyRenderError` on a rule Calico's validation would refuse.
+
+    Source and destination mean the packet's, in both directions. Fields are ANDed; the items of one
+    list (nets, ports) are ORed; ``not_*`` fields exclude. Named ports are not resolved yet, so a rule
+    using them is rendered conservatively: Allow/Pass/Log keep only their numeric ports (a rule left with
+    named ones only is omitted, and a named port among ``not_ports`` omits it), Deny widens instead
+    (named ``ports`` make it match every port, named ``not_ports`` are ignored)."""
+    _check_direction(direction)
+    if rule.action not in ACTIONS:
+        raise PolicyRenderError(f"invalid rule action {rule.action!r}")
+    v = opts.ip_version
+    if rule.ip_version not in (None, 4, 6):
+        raise PolicyRenderError(f"invalid rule ipVersion {rule.ip_version!r}")
+    if rule.ip_version is not None and rule.ip_version != v:
+        return []
+    proto = _proto(rule.protocol, "protocol")
+    not_proto = _proto(rule.not_protocol, "notProtocol")
+    if (proto in _ICMP4 and v == 6) or (proto in _ICMP6 and v == 4):
+        return []
+    widen = rule.action == ACTION_DENY
+
+    icmp_fields = (rule.icmp_type, rule.icmp_code, rule.not_icmp_type, rule.not_icmp_code)
+    if any(f is not None for f in icmp_fields):
+        if proto not in (_ICMP4 | _ICMP6):
+            raise PolicyRenderError("ICMP type/code need protocol ICMP (IPv4) or ICMPv6")
+        for f, lim in zip(icmp_fields, (255, 255, 255, 255), strict=True):
+            if f is not None and (not isinstance(f, int) or isinstance(f, bool) or not 0 <= f <= lim):
+                raise PolicyRenderError(f"invalid ICMP type/code {f!r}")
+        if rule.icmp_code is not None and rule.icmp_type is None:
+            raise PolicyRenderError("an ICMP code needs an ICMP type")
+        if rule.not_icmp_code is not None and rule.not_icmp_type is None:
+            raise PolicyRenderError("a negated ICMP code needs a negated ICMP type")
+
+    ip = "ip" if v == 4 else "ip6"
+    parts: list[str] = []
+    negs: list[str] = []
+    if proto is not None:
+        parts.append(f"meta l4proto {proto}")
+    if not_proto is not None:
+        negs.append(f"meta l4proto != {not_proto}")
+
+    def side(e: EntityMatch, addr: str, port: str, what: str) -> bool:
+        """Adds one side's matches; False when it cannot match in this IP version."""
+        if e.nets:
+            nets = _nets_for(e.nets, v, what + " nets")
+            if not nets:
+                return False
+            parts.append(f"{ip} {addr} {_one_or_set([str(n) for n in nets])}")
+        if e.selector:
+            parts.append(f"{ip} {addr} @{nft_set_name(set_id_for_selector(e.selector), v)}")
+        named = [p for p in e.ports if isinstance(p, str)]
+        numeric = [p for p in e.ports if not isinstance(p, str)]
+        not_named = [p for p in e.not_ports if isinstance(p, str)]
+        not_numeric = [p for p in e.not_ports if not isinstance(p, str)]
+        if (e.ports or e.not_ports) and proto not in _PORT_PROTOS:
+            raise PolicyRenderError(f"{what} ports need protocol TCP, UDP, SCTP or UDPLite")
+        for p in (*named, *not_named):
+            if not p:
+                raise PolicyRenderError(f"{what}: empty named port")
+        if named and not widen and not numeric:
+            return False
+        if numeric and not (named and widen):
+            parts.append(f"th {port} {_ports_text(numeric, what + ' ports')}")
+        if not_named and not widen:
+            return False
+        not_nets = _nets_for(e.not_nets, v, what + " notNets")
+        if not_nets:
+            negs.append(f"{ip} {addr} != {_one_or_set([str(n) for n in not_nets])}")
+        if e.not_selector:
+            negs.append(f"{ip} {addr} != @{nft_set_name(set_id_for_selector(e.not_selector), v)}")
+        if not_numeric:
+            negs.append(f"th {port} != {_ports_text(not_numeric, what + ' notPorts')}")
+        return True
+
+    if not side(rule.source, "saddr", "sport", "source"):
+        return []
+    if not side(rule.destination, "daddr", "dport", "destination"):
+        return []
+    icmp = "icmp" if v == 4 else "icmpv6"
+    if rule.icmp_type is not None:
+        parts.append(f"{icmp} type {rule.icmp_type}")
+        if rule.icmp_code is not None:
+            parts.append(f"{icmp} code {rule.icmp_code}")
+    if rule.not_icmp_type is not None:
+        if rule.not_icmp_code is None:
+            negs.append(f"{icmp} type != {rule.not_icmp_type}")
+        else:  # Calico's "! --icmp-type t/c": not (this type and this code)
+            negs.append(f"{icmp} type . {icmp} code != {{ {rule.not_icmp_type} . {rule.not_icmp_code} }}")
+    return [" ".join([*parts, *negs, _action(rule, opts)])]
+
+
+# -- chains -------------------------------------------------------------------------------------------
+def _clean_comment(text: str) -> str:
+    text = "".join(c if c.isprintable() and c not in '"\\' else " " for c in text).strip()
+    raw = text.encode()
+    if len(raw) > MAX_COMMENT_BYTES:
+        text = raw[:MAX_COMMENT_BYTES - 3].decode(errors="ignore") + "..."
+    return text
+
+
+def _rules_chain(header: str, rules: Sequence[Rule], direction: str, opts: RenderOptions) -> list[NftRule]:
+    out: list[NftRule] = []
+    for r in rules:
+        notes = [f"{k}={v}" for k, v in r.metadata]
+        if uses_named_ports(r):
+            notes.append("named ports not resolved")
+        for text in render_rule(r, direction, opts):
+            comment = "; ".join(([header] if not out else []) + notes)
+            out.append(NftRule(text, _clean_comment(comment)))
+    return out
+
+
+def policy_header(key: PolicyKey, direction: str) -> str:
+    """Calico 3.32's first-rule comment: ``<Kind> <ns>/<name> ingress``."""
+    name = f"{key.namespace}/{key.name}" if key.namespace else key.name
+    return f"{_KIND_TEXT.get(key.kind, key.kind)} {name} {direction.lower()}"
+
+
+def render_policy_chain(policy: Policy, direction: str, opts: RenderOptions = DEFAULT_OPTIONS) -> list[NftRule]:
+    _check_direction(direction)
+    rules = policy.ingress if direction == INGRESS else policy.egress
+    return _rules_chain(policy_header(policy.key, direction), rules, direction, opts)
+
+
+def render_profile_chain(profile: Profile, direction: str, opts: RenderOptions = DEFAULT_OPTIONS) -> list[NftRule]:
+    _check_direction(direction)
+    rules = profile.ingress if direction == INGRESS else profile.egress
+    return _rules_chain(f"Profile {profile.name} {direction.lower()}", rules, direction, opts)
+
+
+def policy_chains(policy: Policy, opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
+    """The chains of a policy: one per direction it has (``types``)."""
+    return [ChainSpec(policy_chain_name(policy.key, d), tuple(render_policy_chain(policy, d, opts)))
+            for d in _DIRECTIONS if d in policy.types]
+
+
+def profile_chains(profile: Profile, opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
+    return [ChainSpec(profile_chain_name(profile.name, d), tuple(render_profile_chain(profile, d, opts)))
+            for d in _DIRECTIONS]
+
+
+def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions = DEFAULT_OPTIONS, *,
+                          available: Callable[[str], bool] | None = None,
+                          staged: Callable[[PolicyKey], bool] | None = None) -> list[NftRule]:
+    """Calico's workload endpoint chain for one direction (calico-compat 1.6).
+
+    ``staged(key)``: staged policies are never jumped to and do not make a tier end in a drop.
+    ``available(chain)``: jumps to chains that do not exist (yet) are left out; a tier whose policies are
+    all missing still ends in its drop, so a missing policy never opens traffic a later profile allows."""
+    _check_direction(direction)
+    m = opts.marks
+    accept, pass_ = _mark(m.accept), _mark(m.pass_)
+    has = available or (lambda _c: True)
+    is_staged = staged or (lambda _k: False)
+    out = [NftRule("ct state established,related accept")]
+    if opts.drop_invalid:
+        out.append(NftRule("ct state invalid drop"))
+    out.append(NftRule(f"meta mark set meta mark & {_mark(~m.both & 0xFFFFFFFF)}"))
+    if direction == EGRESS:
+        if not opts.allow_vxlan_from_workloads:
+            out.append(NftRule(f"udp dport {opts.vxlan_port} drop",
+                               "Drop VXLAN encapped packets originating in workloads"))
+        if not opts.allow_ipip_from_workloads:
+            out.append(NftRule("meta l4proto 4 drop", "Drop IPinIP encapped packets originating in workloads"))
+    for tier in ep.tiers:
+        if tier.default_action not in (ACTION_DENY, ACTION_PASS):
+            raise PolicyRenderError(f"tier {tier.name}: invalid default action {tier.default_action!r}")
+        keys = [k for k in (tier.ingress if direction == INGRESS else tier.egress) if not is_staged(k)]
+        if not keys:
+            continue
+        out.append(NftRule(f"meta mark set meta mark & {_mark(~m.pass_ & 0xFFFFFFFF)}",
+                           _clean_comment(f"Start of tier {tier.name}")))
+        for k in keys:
+            chain = policy_chain_name(k, direction)
+            if not has(chain):
+                continue
+            out.append(NftRule(f"meta mark & {pass_} == 0 jump {chain}"))
+            out.append(NftRule(f"meta mark & {accept} == {accept} return", "Return if policy accepted"))
+        if tier.default_action != ACTION_PASS:
+            out.append(NftRule(f"meta mark & {pass_} == 0 drop",
+                               _clean_comment(f"End of tier {tier.name}. Drop if no policies passed packet")))
+    for name in ep.profiles:
+        chain = profile_chain_name(name, direction)
+        if not has(chain):
+            continue
+        out.append(NftRule(f"jump {chain}"))
+        out.append(NftRule(f"meta mark & {accept} == {accept} return", "Return if profile accepted"))
+    out.append(NftRule("drop", "Drop if no profiles matched"))
+    return out
+
+
+def dispatch_elements(ifaces: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(from-workload map, to-workload map): interface -> ``goto`` its endpoint chain."""
+    from_wl: dict[str, str] = {}
+    to_wl: dict[str, str] = {}
+    for iface in sorted(ifaces):
+        from_wl[iface] = f"goto {endpoint_chain_name(iface, EGRESS)}"
+        to_wl[iface] = f"goto {endpoint_chain_name(iface, INGRESS)}"
+    return from_wl, to_wl
+
+
+def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
+    """Base chains, the FORWARD/INPUT chains and the dispatch chains (which use the two dispatch maps,
+    declared by the caller as ``ifname : verdict`` maps)."""
+    m = opts.marks
+    accept = _mark(m.accept)
+    wild = f'"{opts.iface_prefix}*"'
+    to_host = [NftRule(f"jump {CHAIN_FROM_WL_DISPATCH}"),
+               NftRule(_HOST_ACTIONS[opts.endpoint_to_host_action], "Configured DefaultEndpointToHostAction")]
+    if opts.ip_version == 6:
+        types = ", ".join(str(t) for t in _ICMP6_TO_HOST)
+        to_host.insert(0, NftRule(f"meta l4proto ipv6-icmp icmpv6 type {{ {types} }} accept"))
+    filt = BaseChain("filter", "forward", PRIO_FILTER)
+    return [
+        ChainSpec(CHAIN_BASE_FORWARD, (
+            NftRule(f"jump {CHAIN_FORWARD}"),
+            NftRule(f"meta mark & {accept} == {accept} accept", "Policy explicitly accepted packet."),
+        ), filt),
+        ChainSpec(CHAIN_FORWARD, (
+            NftRule(f"meta mark set meta mark & {_mark(~m.both & 0xFFFFFFFF)}"),
+            NftRule(f"iifname {wild} jump {CHAIN_FROM_WL_DISPATCH}"),
+            NftRule(f"oifname {wild} jump {CHAIN_TO_WL_DISPATCH}"),
+        )),
+        ChainSpec(CHAIN_BASE_INPUT, (NftRule(f"jump {CHAIN_INPUT}"),), BaseChain("filter", "input", PRIO_FILTER)),
+        ChainSpec(CHAIN_INPUT, (NftRule(f"iifname {wild} goto {CHAIN_WL_TO_HOST}"),)),
+        ChainSpec(CHAIN_WL_TO_HOST, tuple(to_host)),
+        ChainSpec(CHAIN_FROM_WL_DISPATCH, (NftRule(f"iifname vmap @{MAP_FROM_WL_DISPATCH}"),
+                                           NftRule("drop", "Unknown interface"))),
+        ChainSpec(CHAIN_TO_WL_DISPATCH, (NftRule(f"oifname vmap @{MAP_TO_WL_DISPATCH}"),
+                                         NftRule("drop", "Unknown interface"))),
+    ]
