@@ -91,6 +91,8 @@ class Config:
     mtu_iface_pattern: str = r"^((en|wl|ww|sl|ib)[Pcopsvx].*|(eth|wlan|wwan).*)"
     nat_backend: str = "nftables"  # nftables | iptables (FELIX_NFTABLESMODE=Disabled)
     # felixpy specific.
+    # Network policy enforcement (issue 4, in progress): off until the truth-table suite lands.
+    policy_enabled: bool = False  # FELIXPY_POLICY=enabled
     bgp_hold_time: int = 90  # FELIXPY_BGP_HOLD_TIME: hold time of every session (keepalive = hold / 3)
     bgp_dir: str = "/var/run/calico/bgp"  # FELIXPY_BGP_DIR: ExaBGP config + the relay's socket
     cni_socket: str = names.DEFAULT_CNI_SOCKET
@@ -178,6 +180,11 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     if nft_mode == "disabled":
         c.nat_backend = "iptables"
     c.bgp_dir = e.get("FELIXPY_BGP_DIR", c.bgp_dir)
+    if e.get("FELIXPY_POLICY"):
+        mode = e["FELIXPY_POLICY"].strip().lower()
+        if mode not in ("enabled", "disabled"):
+            raise ConfigError(f"FELIXPY_POLICY: expected enabled or disabled, got {e['FELIXPY_POLICY']!r}")
+        c.policy_enabled = mode == "enabled"
     if e.get("FELIXPY_BGP_HOLD_TIME"):
         # BGP allows 0 (no keepalives) or at least 3 seconds.
         c.bgp_hold_time = _int(e["FELIXPY_BGP_HOLD_TIME"], "FELIXPY_BGP_HOLD_TIME", 3, 65535)

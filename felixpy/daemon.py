@@ -30,9 +30,16 @@ from felixpy.dataplane.tunnel_mgr import TunnelManager
 from felixpy.datastore.api import (
     KIND_BGP_CONFIG,
     KIND_BGP_PEER,
+    KIND_GLOBAL_NETWORK_POLICY,
+    KIND_GLOBAL_NETWORK_SET,
     KIND_IPAM_BLOCK,
     KIND_IPPOOL,
+    KIND_K8S_NETWORK_POLICY,
+    KIND_NETWORK_POLICY,
+    KIND_NETWORK_SET,
     KIND_NODE,
+    KIND_PROFILE,
+    KIND_TIER,
     KIND_WEP,
     Backend,
     DatastoreError,
@@ -70,7 +77,8 @@ class Agent:
         self.health.register("InternalDataplaneMainLoop", timeout=90.0)
         self.health.register("Tunnels")
         self.calc = CalcGraph(cfg.nodename, router_id_setting=cfg.router_id,
-                              bgp_enabled=cfg.networking_backend == "bird", bgp_hold_time=cfg.bgp_hold_time)
+                              bgp_enabled=cfg.networking_backend == "bird", bgp_hold_time=cfg.bgp_hold_time,
+                              policy_enabled=cfg.policy_enabled)
         self.buffer = DedupeBuffer()
         self._nl = netlink.Netlink()
         # Ours: proto 80 (Felix) and 12 (routes learned over BGP, as BIRD marks them), plus every route on
@@ -95,8 +103,18 @@ class Agent:
                                         vxlan_mtu=self.vxlan_mtu, ipip_mtu=self.ipip_mtu)
         self.bgp_route_mgr = BgpRouteManager(self._nl, self.route_table)
         self.nat_table, self.masq_mgr = _nat_backend(cfg)
+        extra_mgrs: list[Any] = []
+        if cfg.policy_enabled:
+            # One driver per table: policy shares the NAT's nft table (one transaction per apply).
+            from felixpy.dataplane.drivers.nftables import NftTable
+            from felixpy.dataplane.policy_mgr import PolicyManager
+
+            if not isinstance(self.nat_table, NftTable):
+                raise ValueError("FELIXPY_POLICY=enabled needs the nftables backend (the iptables policy "
+                                 "backend is not implemented yet)")
+            extra_mgrs.append(PolicyManager(self.nat_table))
         self.dataplane = Dataplane(
-            [self.endpoint_mgr, self.block_mgr, self.tunnel_mgr, self.bgp_route_mgr, self.masq_mgr],
+            [self.endpoint_mgr, self.block_mgr, self.tunnel_mgr, self.bgp_route_mgr, *extra_mgrs, self.masq_mgr],
             # Devices before routes (routes via vxlan.calico need the link); NAT last.
             [self.vxlan_dev, self.ipip_dev, self.bgp_route_mgr, self.route_table, self.nat_table],
             refresh_interval=cfg.route_refresh_interval)
@@ -319,12 +337,16 @@ class Agent:
                                      interface_prefix=self.cfg.interface_prefixes[0])
         servers.append(await cniserver.serve(cniserver.CniHandler(hooks), self.cfg.cni_socket))
         self.syncer = Syncer(self.backend, [
-            WatchSpec(KIND_WEP, ListOptions(node=self.cfg.nodename)),
+            # With policy on, every endpoint in the cluster feeds the IP sets; otherwise only ours matter.
+            WatchSpec(KIND_WEP, ListOptions() if self.cfg.policy_enabled else ListOptions(node=self.cfg.nodename)),
             WatchSpec(KIND_IPAM_BLOCK),
             WatchSpec(KIND_NODE),
             WatchSpec(KIND_IPPOOL),
             WatchSpec(KIND_BGP_CONFIG),
             WatchSpec(KIND_BGP_PEER),
+            *([WatchSpec(k) for k in (KIND_PROFILE, KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY,
+                                      KIND_K8S_NETWORK_POLICY, KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET,
+                                      KIND_TIER)] if self.cfg.policy_enabled else []),
         ], self.buffer)
         log.info("felixpy agent running on node %s (datastore %s, CNI socket %s)",
                  self.cfg.nodename, self.cfg.datastore_type, self.cfg.cni_socket)

@@ -22,29 +22,42 @@ from felixpy.calc.messages import (
     WorkloadEndpointUpdate,
 )
 from felixpy.calc.overlay import LocalOverlay
+from felixpy.calc.policy import PolicyCalculator
 from felixpy.calc.routes import RouteResolver
 from felixpy.datastore.api import (
     KIND_BGP_CONFIG,
     KIND_BGP_PEER,
+    KIND_GLOBAL_NETWORK_POLICY,
+    KIND_GLOBAL_NETWORK_SET,
     KIND_IPAM_BLOCK,
     KIND_IPPOOL,
+    KIND_K8S_NETWORK_POLICY,
+    KIND_NETWORK_POLICY,
+    KIND_NETWORK_SET,
     KIND_NODE,
+    KIND_PROFILE,
+    KIND_TIER,
     KIND_WEP,
     Key,
     Resource,
 )
 from felixpy.datastore.syncer import Update
 from felixpy.ipam.pools import InvalidPoolError, parse_pool
+from felixpy.model import policy_parse
+from felixpy.model.policy import PolicyKey, Profile
 from felixpy.model.resources import InvalidResource, parse_block, parse_node, parse_wep
 
 log = logging.getLogger(__name__)
 
 _Derived = WorkloadEndpointUpdate | LocalBlockUpdate
 
+_POLICY_KINDS = frozenset({KIND_WEP, KIND_PROFILE, KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY,
+                           KIND_K8S_NETWORK_POLICY, KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET, KIND_TIER})
+
 
 class CalcGraph:
     def __init__(self, node: str, *, overlay_ttl: float = 60.0, router_id_setting: str = "",
-                 bgp_enabled: bool = False, bgp_hold_time: int = 90) -> None:
+                 bgp_enabled: bool = False, bgp_hold_time: int = 90, policy_enabled: bool = False) -> None:
         self.node = node
         self._synced: dict[Key, Resource] = {}
         self.overlay = LocalOverlay(overlay_ttl)
@@ -53,6 +66,14 @@ class CalcGraph:
         self._in_sync_pending = False
         self.invalid_resources = 0
         self.routes = RouteResolver(node)
+        # Policy (issue 4): every endpoint cluster-wide feeds IP sets; local ones get chains.
+        self.policy_enabled = policy_enabled
+        self.policy = PolicyCalculator()
+        self._profiles: dict[str, Profile] = {}
+        self._eps_by_profile: dict[str, set[Key]] = {}
+        self._ep_profiles: dict[Key, tuple[str, ...]] = {}
+        self._policy_keys: dict[Key, PolicyKey] = {}
+        self._policy_dirty: set[Key] = set()
         self.bgp = BgpCalculator(node, router_id_setting=router_id_setting, enabled=bgp_enabled,
                                  hold_time=bgp_hold_time)
 
@@ -64,6 +85,8 @@ class CalcGraph:
                 self._route_input(u)
             if kind in (KIND_NODE, KIND_IPPOOL, KIND_BGP_CONFIG, KIND_BGP_PEER):
                 self._bgp_input(u)
+            if self.policy_enabled and kind in _POLICY_KINDS:
+                self._policy_input(u)
             if kind not in (KIND_WEP, KIND_IPAM_BLOCK):
                 continue
             if u.value is None:
@@ -91,6 +114,80 @@ class CalcGraph:
                 self.routes.set_pool(key.name, None)
             else:
                 self.routes.set_block(key, None)
+
+    def _policy_input(self, u: Update) -> None:
+        key, value = u.key, u.value
+        pc = self.policy
+        if key.kind == KIND_WEP:
+            self._policy_dirty.add(key)
+            return
+        try:
+            if key.kind == KIND_PROFILE:
+                prof = policy_parse.parse_profile(value) if value is not None else None
+                if prof is None:
+                    self._profiles.pop(key.name, None)
+                else:
+                    self._profiles[key.name] = prof
+                pc.set_profile(key.name, prof)
+                # Profile labels are inherited by its endpoints: re-evaluate them.
+                self._policy_dirty.update(self._eps_by_profile.get(key.name, ()))
+            elif key.kind in (KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY, KIND_K8S_NETWORK_POLICY):
+                old = self._policy_keys.pop(key, None)
+                if value is None:
+                    if old is not None:
+                        pc.set_policy(old, None)
+                    return
+                warnings: list[str] = []
+                pol = policy_parse.parse_policy(value, key.kind, warnings=warnings)
+                for w in warnings:
+                    log.warning("%s: %s", key, w)
+                if old is not None and old != pol.key:
+                    pc.set_policy(old, None)
+                self._policy_keys[key] = pol.key
+                pc.set_policy(pol.key, pol)
+            elif key.kind in (KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET):
+                pc.set_network_set(key, policy_parse.parse_network_set(
+                    value, key.kind == KIND_GLOBAL_NETWORK_SET) if value is not None else None)
+            elif key.kind == KIND_TIER:
+                pc.set_tier(key.name, policy_parse.parse_tier(value) if value is not None else None)
+        except (InvalidResource, ValueError) as e:
+            self.invalid_resources += 1
+            log.error("skipping malformed %s: %s (treated as absent)", key, e)
+            if key.kind == KIND_PROFILE:
+                self._profiles.pop(key.name, None)
+                pc.set_profile(key.name, None)
+            elif key in self._policy_keys:
+                pc.set_policy(self._policy_keys.pop(key), None)
+            elif key.kind in (KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET):
+                pc.set_network_set(key, None)
+            elif key.kind == KIND_TIER:
+                pc.set_tier(key.name, None)
+
+    def _policy_endpoints(self) -> None:
+        """Feed the dirty endpoints (datastore or our own writes) to the policy calculator."""
+        for key in sorted(self._policy_dirty):
+            ep_id = f"{key.namespace}/{key.name}"
+            for prof in self._ep_profiles.pop(key, ()):
+                self._eps_by_profile.get(prof, set()).discard(key)
+            res = self._effective(key)
+            wep = None
+            if res is not None:
+                try:
+                    wep = parse_wep(res)
+                except InvalidResource:
+                    wep = None  # already counted and logged by the endpoint derivation
+            if wep is None:
+                self.policy.remove_endpoint(ep_id)
+                continue
+            self._ep_profiles[key] = wep.profiles
+            for prof in wep.profiles:
+                self._eps_by_profile.setdefault(prof, set()).add(key)
+            labels = policy_parse.endpoint_labels(
+                dict(wep.labels), [self._profiles[p] for p in wep.profiles if p in self._profiles])
+            self.policy.set_endpoint(ep_id, local=not wep.node or wep.node == self.node, iface=wep.iface,
+                                     labels=labels, profiles=wep.profiles,
+                                     addrs=[*wep.ipv4_nets, *wep.ipv6_nets])
+        self._policy_dirty.clear()
 
     def _bgp_input(self, u: Update) -> None:
         from bgp import peers as bgp_peers
@@ -142,9 +239,14 @@ class CalcGraph:
         else:
             self.overlay.record_put(key, value, revision, now)
         self._dirty.add(key)
+        if self.policy_enabled and key.kind == KIND_WEP:
+            self._policy_dirty.add(key)
 
     def expire(self, now: float) -> None:
-        self._dirty.update(self.overlay.expire(now))
+        expired = self.overlay.expire(now)
+        self._dirty.update(expired)
+        if self.policy_enabled:
+            self._policy_dirty.update(k for k in expired if k.kind == KIND_WEP)
 
     # -- derivation ---------------------------------------------------------------------------------
     def _effective(self, key: Key) -> Resource | None:
@@ -202,9 +304,14 @@ class CalcGraph:
                 self.bgp.local_blocks.discard(m.cidr)
                 self.bgp.mark_dirty()
         bgp_msgs = self.bgp.flush()
+        policy_msgs: list[Message] = []
+        if self.policy_enabled:
+            self._policy_endpoints()
+            policy_msgs = list(self.policy.flush())
         # Route removals go before endpoint/block removals' counterpart updates; route updates last, so
         # pools and tunnel devices are known before the routes that use them.
-        out = r_removes + removes + r_updates + updates + bgp_msgs
+        # Policy before the endpoints' routes: a pod is never reachable before its chains exist.
+        out = r_removes + removes + r_updates + policy_msgs + updates + bgp_msgs
         if self._in_sync_pending:
             out.append(InSync())
             self._in_sync_pending = False

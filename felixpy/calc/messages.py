@@ -7,6 +7,17 @@ from dataclasses import dataclass
 
 from bgp.model import LocalBgpConfig
 from felixpy.datastore.api import Key
+from felixpy.model.policy import (
+    ActivePolicyRemove,
+    ActivePolicyUpdate,
+    ActiveProfileRemove,
+    ActiveProfileUpdate,
+    EndpointPolicyRemove,
+    EndpointPolicyUpdate,
+    IPSetDeltaUpdate,
+    IPSetRemove,
+    IPSetUpdate,
+)
 
 
 @dataclass(frozen=True)
@@ -129,4 +140,7 @@ CONTROL_PLANE_MESSAGES = (BgpConfigUpdate, BgpAnnounceUpdate)
 
 Message = (WorkloadEndpointUpdate | WorkloadEndpointRemove | LocalBlockUpdate | LocalBlockRemove | InSync
            | HostTunnelUpdate | VtepUpdate | VtepRemove | RemoteBlockRoute | RemoteBlockRouteRemove
-           | IPPoolUpdate | IPPoolRemove | BgpRoutesUpdate | BgpConfigUpdate | BgpAnnounceUpdate)
+           | IPPoolUpdate | IPPoolRemove | BgpRoutesUpdate | BgpConfigUpdate | BgpAnnounceUpdate
+           # Policy (felixpy.model.policy, from felixpy.calc.policy):
+           | IPSetUpdate | IPSetDeltaUpdate | IPSetRemove | ActivePolicyUpdate | ActivePolicyRemove
+           | ActiveProfileUpdate | ActiveProfileRemove | EndpointPolicyUpdate | EndpointPolicyRemove)
