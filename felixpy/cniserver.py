@@ -27,7 +27,9 @@ from cni_plugin import spec
 from cni_plugin.spec import CniError, CniRequest
 from felixpy import metrics, names
 from felixpy.dataplane import workload
+from felixpy.datastore import conversion
 from felixpy.datastore.api import (
+    KIND_PROFILE,
     KIND_WEP,
     AlreadyExists,
     Backend,
@@ -63,6 +65,22 @@ class AgentHooks:
 class CniHandler:
     def __init__(self, hooks: AgentHooks) -> None:
         self.h = hooks
+        self._profiles_seen: set[str] = set()
+
+    async def _ensure_namespace_profile(self, ns: str) -> None:
+        """etcd datastore: Calico's kube-controllers creates a ``kns.<namespace>`` profile per namespace
+        (allow-all, namespace labels to apply). Where no controller runs, create it on the namespace's
+        first pod so its endpoints are not cut off by the fail-closed missing-profile rule; an existing
+        profile (a controller's) is never touched. Kubernetes datastore: profiles come from Namespaces."""
+        if self.h.backend.type_name != "etcdv3" or ns in self._profiles_seen:
+            return
+        key = Key(KIND_PROFILE, f"kns.{ns}")
+        try:
+            await self.h.backend.create(key, conversion.namespace_to_profile({"metadata": {"name": ns}}))
+            log.info("created profile %s (no namespace controller had made it)", key.name)
+        except AlreadyExists:
+            pass
+        self._profiles_seen.add(ns)
 
     # -- entry --------------------------------------------------------------------------------------
     async def handle(self, env: dict[str, str], stdin: bytes, plugin: str) -> tuple[int, bytes]:
@@ -173,6 +191,8 @@ class CniHandler:
         ns, pod, veth, key = self._identity(req)
         if not os.path.exists(req.netns):
             raise CniError(spec.ERR_GENERIC, f"failed to open netns {req.netns!r}: no such file or directory")
+        if req.is_k8s:
+            await self._ensure_namespace_profile(ns)
         ips, fresh = await self._assign(req, ns, pod)
         wired = False
         try:

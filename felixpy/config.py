@@ -91,8 +91,8 @@ class Config:
     mtu_iface_pattern: str = r"^((en|wl|ww|sl|ib)[Pcopsvx].*|(eth|wlan|wwan).*)"
     nat_backend: str = "nftables"  # nftables | iptables (FELIX_NFTABLESMODE=Disabled)
     # felixpy specific.
-    # Network policy enforcement (issue 4, in progress): off until the truth-table suite lands.
-    policy_enabled: bool = False  # FELIXPY_POLICY=enabled
+    # Network policy enforcement (Calico's default: on). FELIXPY_POLICY=disabled turns it off.
+    policy_enabled: bool = True
     bgp_hold_time: int = 90  # FELIXPY_BGP_HOLD_TIME: hold time of every session (keepalive = hold / 3)
     bgp_dir: str = "/var/run/calico/bgp"  # FELIXPY_BGP_DIR: ExaBGP config + the relay's socket
     cni_socket: str = names.DEFAULT_CNI_SOCKET

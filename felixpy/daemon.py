@@ -105,13 +105,10 @@ class Agent:
         self.nat_table, self.masq_mgr = _nat_backend(cfg)
         extra_mgrs: list[Any] = []
         if cfg.policy_enabled:
-            # One driver per table: policy shares the NAT's nft table (one transaction per apply).
-            from felixpy.dataplane.drivers.nftables import NftTable
+            # One driver per backend: policy shares the NAT's nft table, or the iptables dataplane (IP sets,
+            # nat and filter tables, applied in that order), so each apply is one transaction per table.
             from felixpy.dataplane.policy_mgr import PolicyManager
 
-            if not isinstance(self.nat_table, NftTable):
-                raise ValueError("FELIXPY_POLICY=enabled needs the nftables backend (the iptables policy "
-                                 "backend is not implemented yet)")
             extra_mgrs.append(PolicyManager(self.nat_table))
         self.dataplane = Dataplane(
             [self.endpoint_mgr, self.block_mgr, self.tunnel_mgr, self.bgp_route_mgr, *extra_mgrs, self.masq_mgr],
@@ -382,7 +379,7 @@ def _nat_backend(cfg: Config) -> tuple[Any, Any]:
     """The NAT-outgoing table driver (nftables by default, iptables-restore with FELIX_NFTABLESMODE=Disabled)."""
     from felixpy.dataplane.masq_mgr import make_nat_backend
 
-    return make_nat_backend(cfg.nat_backend)
+    return make_nat_backend(cfg.nat_backend, with_filter=cfg.policy_enabled)
 
 
 def run_agent(cfg: Config) -> int:

@@ -288,16 +288,19 @@ class MasqManager:
 
 def make_nat_backend(kind: str = "nftables", *, ip_version: int = 4, netns: str | None = None,
                      iptables_backend: str = "system", options: NatOptions | None = None,
-                     ) -> tuple[NftTable | IptablesDataplane, MasqManager]:
+                     with_filter: bool = False) -> tuple[NftTable | IptablesDataplane, MasqManager]:
     """(driver for the dataplane loop, manager) for ``kind`` ``nftables`` (table ``ip calico``) or
-    ``iptables`` (nat table + ``cali40`` IP sets, applied in that order by one driver)."""
+    ``iptables`` (nat table + ``cali40`` IP sets, applied in that order by one driver).
+
+    ``with_filter`` (iptables only): the driver also owns the filter table, for the policy manager
+    (``PolicyManager(dp)``); both tables share one ``Iptables`` runner and the IP sets."""
     dp: NftTable | IptablesDataplane
     if kind == "nftables":
         dp = NftTable(Nft(netns), family="ip" if ip_version == 4 else "ip6")
     elif kind == "iptables":
-        dp = IptablesDataplane([IptablesTable("nat", Iptables(ip_version=ip_version, backend=iptables_backend,
-                                                              netns=netns))],
-                               IpSets(Ipset(netns=netns), ip_version=ip_version))
+        ipt = Iptables(ip_version=ip_version, backend=iptables_backend, netns=netns)
+        tables = [IptablesTable("nat", ipt), *([IptablesTable("filter", ipt)] if with_filter else [])]
+        dp = IptablesDataplane(tables, IpSets(Ipset(netns=netns), ip_version=ip_version))
     else:
         raise ValueError(f"NAT backend must be nftables or iptables, not {kind!r}")
     return dp, MasqManager(dp, ip_version=ip_version, options=options)

@@ -1,4 +1,10 @@
-"""Network policy into the nftables table: Felix's policy, profile, IP set and endpoint managers in one.
+"""Network policy into the dataplane: Felix's policy, profile, IP set and endpoint managers in one.
+
+Two backends, one behaviour: an :class:`NftTable` (family ip / ip6; rendering by
+:mod:`felixpy.dataplane.policy_render`, dispatch through verdict maps) or an :class:`IptablesDataplane`
+with a ``filter`` table and IP sets (rendering by :mod:`felixpy.dataplane.policy_render_ipt`: Calico's
+iptables layout, ``hash:net`` ipsets, dispatch chains of gotos). The iptables driver applies set
+additions, then the tables, then set deletions, so a rule never refers to a missing set.
 
 Input (``felixpy.model.policy``): ``IPSetUpdate/DeltaUpdate/Remove``, ``ActivePolicyUpdate/Remove``,
 ``ActiveProfileUpdate/Remove``, ``EndpointPolicyUpdate/Remove``. ``on_update`` only records and marks
@@ -25,25 +31,21 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
+from felixpy.dataplane import policy_render as nft_render
+from felixpy.dataplane import policy_render_ipt as ipt_render
+from felixpy.dataplane.drivers.iptables import IptablesDataplane
 from felixpy.dataplane.drivers.nftables import NftTable
+from felixpy.dataplane.drivers.nftables import Rule as DriverRule
 from felixpy.dataplane.policy_render import (
     MAP_FROM_WL_DISPATCH,
     MAP_TO_WL_DISPATCH,
     ChainSpec,
     PolicyRenderError,
     RenderOptions,
-    dispatch_elements,
-    endpoint_chain_name,
-    nft_set_name,
-    policy_chain_name,
-    policy_chains,
-    profile_chain_name,
-    profile_chains,
-    render_endpoint_chain,
     rules_set_ids,
-    static_chains,
 )
 from felixpy.model.policy import (
     EGRESS,
@@ -66,16 +68,187 @@ from felixpy.model.policy import (
 log = logging.getLogger(__name__)
 
 
+class _Backend:
+    """What differs between the nftables table and the iptables dataplane: names, rendering, sets,
+    static chains and dispatch. Everything else in the manager is shared."""
+
+    def policy_chain_name(self, key: PolicyKey, direction: str) -> str:
+        raise NotImplementedError
+
+    def profile_chain_name(self, name: str, direction: str) -> str:
+        raise NotImplementedError
+
+    def endpoint_chain_name(self, iface: str, direction: str) -> str:
+        raise NotImplementedError
+
+    def policy_chains(self, policy: Policy, opts: RenderOptions) -> list[ChainSpec]:
+        raise NotImplementedError
+
+    def profile_chains(self, profile: Profile, opts: RenderOptions) -> list[ChainSpec]:
+        raise NotImplementedError
+
+    def endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions,
+                       available: Callable[[str], bool], staged: Callable[[PolicyKey], bool]) -> list[DriverRule]:
+        raise NotImplementedError
+
+    def set_name(self, set_id: str, ip_version: int) -> str:
+        raise NotImplementedError
+
+    def set_chain(self, name: str, rules: Iterable[DriverRule]) -> None:
+        raise NotImplementedError
+
+    def remove_chain(self, name: str) -> None:
+        raise NotImplementedError
+
+    def chain_names(self) -> frozenset[str]:
+        raise NotImplementedError
+
+    def set_set(self, name: str, members: frozenset[IPNet] | None, ip_version: int) -> None:
+        raise NotImplementedError
+
+    def remove_set(self, name: str) -> None:
+        raise NotImplementedError
+
+    def write_static(self, opts: RenderOptions) -> None:
+        raise NotImplementedError
+
+    def write_dispatch(self, ifaces: Iterable[str]) -> None:
+        raise NotImplementedError
+
+
+class _NftBackend(_Backend):
+    def __init__(self, table: NftTable) -> None:
+        self.t = table
+
+    def policy_chain_name(self, key: PolicyKey, direction: str) -> str:
+        return nft_render.policy_chain_name(key, direction)
+
+    def profile_chain_name(self, name: str, direction: str) -> str:
+        return nft_render.profile_chain_name(name, direction)
+
+    def endpoint_chain_name(self, iface: str, direction: str) -> str:
+        return nft_render.endpoint_chain_name(iface, direction)
+
+    def policy_chains(self, policy: Policy, opts: RenderOptions) -> list[ChainSpec]:
+        return nft_render.policy_chains(policy, opts)
+
+    def profile_chains(self, profile: Profile, opts: RenderOptions) -> list[ChainSpec]:
+        return nft_render.profile_chains(profile, opts)
+
+    def endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions,
+                       available: Callable[[str], bool], staged: Callable[[PolicyKey], bool]) -> list[DriverRule]:
+        return nft_render.render_endpoint_chain(ep, direction, opts, available=available, staged=staged)
+
+    def set_name(self, set_id: str, ip_version: int) -> str:
+        return nft_render.nft_set_name(set_id, ip_version)
+
+    def set_chain(self, name: str, rules: Iterable[DriverRule]) -> None:
+        self.t.set_chain(name, list(rules))
+
+    def remove_chain(self, name: str) -> None:
+        self.t.remove_chain(name)
+
+    def chain_names(self) -> frozenset[str]:
+        return self.t.chain_names()
+
+    def set_set(self, name: str, members: frozenset[IPNet] | None, ip_version: int) -> None:
+        elems = sorted((n for n in members or () if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network)
+                        and n.version == ip_version), key=str)
+        self.t.set_set(name, "ipv4_addr" if ip_version == 4 else "ipv6_addr", elems, flags=("interval",))
+
+    def remove_set(self, name: str) -> None:
+        self.t.remove_set(name)
+
+    def write_static(self, opts: RenderOptions) -> None:
+        for spec in nft_render.static_chains(opts):
+            self.t.set_chain(spec.name, spec.rules, base=spec.base)
+
+    def write_dispatch(self, ifaces: Iterable[str]) -> None:
+        from_wl, to_wl = nft_render.dispatch_elements(ifaces)
+        fw: dict[object, object] = dict(from_wl.items())
+        tw: dict[object, object] = dict(to_wl.items())
+        self.t.set_map(MAP_FROM_WL_DISPATCH, "ifname", "verdict", fw)
+        self.t.set_map(MAP_TO_WL_DISPATCH, "ifname", "verdict", tw)
+
+
+class _IptBackend(_Backend):
+    def __init__(self, dp: IptablesDataplane) -> None:
+        if "filter" not in dp.tables or dp.ipsets is None:
+            raise ValueError("the iptables policy backend needs a filter table and IP sets "
+                             "(e.g. make_nat_backend('iptables', with_filter=True))")
+        self.t = dp.table("filter")
+        self.ipsets = dp.ipsets
+
+    def policy_chain_name(self, key: PolicyKey, direction: str) -> str:
+        return ipt_render.policy_chain_name(key, direction)
+
+    def profile_chain_name(self, name: str, direction: str) -> str:
+        return ipt_render.profile_chain_name(name, direction)
+
+    def endpoint_chain_name(self, iface: str, direction: str) -> str:
+        return ipt_render.endpoint_chain_name(iface, direction)
+
+    def policy_chains(self, policy: Policy, opts: RenderOptions) -> list[ChainSpec]:
+        return ipt_render.policy_chains(policy, opts)
+
+    def profile_chains(self, profile: Profile, opts: RenderOptions) -> list[ChainSpec]:
+        return ipt_render.profile_chains(profile, opts)
+
+    def endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions,
+                       available: Callable[[str], bool], staged: Callable[[PolicyKey], bool]) -> list[DriverRule]:
+        return ipt_render.render_endpoint_chain(ep, direction, opts, available=available, staged=staged)
+
+    def set_name(self, set_id: str, ip_version: int) -> str:
+        return ipt_render.ipset_name(set_id, ip_version)
+
+    def set_chain(self, name: str, rules: Iterable[DriverRule]) -> None:
+        self.t.set_chain(name, list(rules))
+
+    def remove_chain(self, name: str) -> None:
+        self.t.remove_chain(name)
+
+    def chain_names(self) -> frozenset[str]:
+        return self.t.chain_names()
+
+    def set_set(self, name: str, members: frozenset[IPNet] | None, ip_version: int) -> None:
+        self.ipsets.set_ipset(name, "hash:net", ipt_render.ipset_members(members or (), ip_version))
+
+    def remove_set(self, name: str) -> None:
+        self.ipsets.remove_ipset(name)
+
+    def write_static(self, opts: RenderOptions) -> None:
+        for spec in ipt_render.static_chains(opts):
+            self.t.set_chain(spec.name, spec.rules)
+        # The dispatch chains exist from the start (cali-FORWARD jumps to them): no endpoint, all DROP.
+        self.write_dispatch(())
+        for h in ipt_render.hooks(opts):
+            self.t.set_hooks(h.chain, insert=h.insert, append=h.append)
+
+    def write_dispatch(self, ifaces: Iterable[str]) -> None:
+        for spec in ipt_render.dispatch_chains(ifaces):
+            self.t.set_chain(spec.name, spec.rules)
+
+
 class PolicyManager:
-    def __init__(self, table: NftTable, *, options: RenderOptions | None = None) -> None:
-        fam = {"ip": 4, "ip6": 6}.get(table.family)
-        if fam is None:
-            raise ValueError(f"the policy manager needs an nft table of family ip or ip6, not {table.family}")
+    def __init__(self, table: NftTable | IptablesDataplane, *, options: RenderOptions | None = None) -> None:
+        self._b: _Backend
+        fam: int
+        if isinstance(table, IptablesDataplane):
+            ipt = _IptBackend(table)
+            self._b, fam = ipt, ipt.ipsets.ip_version
+        elif isinstance(table, NftTable):
+            nft_fam = {"ip": 4, "ip6": 6}.get(table.family)
+            if nft_fam is None:
+                raise ValueError(f"the policy manager needs an nft table of family ip or ip6, not {table.family}")
+            self._b, fam = _NftBackend(table), nft_fam
+        else:
+            raise ValueError(f"unsupported policy dataplane {table!r} (want an NftTable or an IptablesDataplane)")
         opts = options if options is not None else RenderOptions(ip_version=fam)
         if options is not None and options.ip_version != fam:
             opts = replace(options, ip_version=fam)
         opts.validate()
-        self._t = table
+        if isinstance(self._b, _IptBackend):
+            ipt_render.scratch_marks(opts.marks)  # the match blocks need two more bits
         self.options = opts
         self.ip_version = fam
         # Desired input.
@@ -162,10 +335,8 @@ class PolicyManager:
 
     # -- dataplane thread ---------------------------------------------------------------------------
     def complete_deferred_work(self) -> None:
-        t = self._t
         if not self._static_done:
-            for spec in static_chains(self.options):
-                t.set_chain(spec.name, spec.rules, base=spec.base)
+            self._b.write_static(self.options)
             self._static_done = True
         changed_chains: set[str] = set()  # policy/profile chains that appeared, went or changed visibility
         for key in sorted(self._dirty_policies, key=lambda k: k.id):
@@ -182,11 +353,7 @@ class PolicyManager:
                 self._sync_iface(iface)
             self._dirty_ifaces.clear()
         if self._dispatch_dirty:
-            from_wl, to_wl = dispatch_elements(self._iface_ep)
-            fw: dict[object, object] = {k: v for k, v in from_wl.items()}
-            tw: dict[object, object] = {k: v for k, v in to_wl.items()}
-            t.set_map(MAP_FROM_WL_DISPATCH, "ifname", "verdict", fw)
-            t.set_map(MAP_TO_WL_DISPATCH, "ifname", "verdict", tw)
+            self._b.write_dispatch(self._iface_ep)
             self._dispatch_dirty = False
 
     # -- policies and profiles ----------------------------------------------------------------------
@@ -195,10 +362,10 @@ class PolicyManager:
         old = set(self._obj_chains.get(obj, ()))
         new = {s.name for s in specs}
         for s in specs:
-            self._t.set_chain(s.name, s.rules)
+            self._b.set_chain(s.name, s.rules)
             self._chain_sets[s.name] = sets
         for name in old - new:
-            self._t.remove_chain(name)
+            self._b.remove_chain(name)
             self._chain_sets.pop(name, None)
         if new:
             self._obj_chains[obj] = tuple(sorted(new))
@@ -215,16 +382,16 @@ class PolicyManager:
             self._hidden.add(key)
         else:
             self._hidden.discard(key)
-        names = {policy_chain_name(key, d) for d in (INGRESS, EGRESS)}
+        names = {self._b.policy_chain_name(key, d) for d in (INGRESS, EGRESS)}
         visibility = names if was_hidden != hidden else set()
         if pol is None or hidden:
             self.errors.pop(obj, None)
             return self._push_chains(obj, [], frozenset()) | visibility
         try:
-            specs = policy_chains(pol, self.options)
+            specs = self._b.policy_chains(pol, self.options)
             sets = rules_set_ids((*pol.ingress, *pol.egress))
             for s in sets:
-                nft_set_name(s, self.ip_version)
+                self._b.set_name(s, self.ip_version)
             changed = self._push_chains(obj, specs, sets)
         except ValueError as e:  # PolicyRenderError or the driver refusing a rule
             self._error(obj, e)
@@ -239,10 +406,10 @@ class PolicyManager:
             self.errors.pop(obj, None)
             return self._push_chains(obj, [], frozenset())
         try:
-            specs = profile_chains(prof, self.options)
+            specs = self._b.profile_chains(prof, self.options)
             sets = rules_set_ids((*prof.ingress, *prof.egress))
             for s in sets:
-                nft_set_name(s, self.ip_version)
+                self._b.set_name(s, self.ip_version)
             changed = self._push_chains(obj, specs, sets)
         except ValueError as e:
             self._error(obj, e)
@@ -256,25 +423,22 @@ class PolicyManager:
         todo = self._dirty_sets | (referenced ^ self._referenced)
         self._referenced = referenced
         self._dirty_sets = set()
-        addr = "ipv4_addr" if self.ip_version == 4 else "ipv6_addr"
         for set_id in sorted(todo):
             obj = f"set {set_id}"
             try:
-                name = nft_set_name(set_id, self.ip_version)
+                name = self._b.set_name(set_id, self.ip_version)
             except PolicyRenderError as e:
                 self._error(obj, e)
                 continue
             members = self._sets.get(set_id)
             if members is None and set_id not in referenced:
-                self._t.remove_set(name)
+                self._b.remove_set(name)
                 self._pushed_sets.discard(set_id)
                 self.errors.pop(obj, None)
                 continue
             # A referenced set that has not arrived is programmed empty (matches nothing).
-            elems = sorted((n for n in members or () if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network)
-                            and n.version == self.ip_version), key=str)
             try:
-                self._t.set_set(name, addr, elems, flags=("interval",))
+                self._b.set_set(name, members, self.ip_version)
             except ValueError as e:
                 self._error(obj, e)
                 continue
@@ -294,28 +458,27 @@ class PolicyManager:
         if ep is None:
             if pushed is not None:
                 for d in (INGRESS, EGRESS):
-                    self._t.remove_chain(endpoint_chain_name(iface, d))
+                    self._b.remove_chain(self._b.endpoint_chain_name(iface, d))
                 del self._iface_ep[iface]
                 self._dispatch_dirty = True
                 self.errors.pop(f"endpoint {pushed}", None)
             self._set_wants(iface, frozenset())
             return
         obj = f"endpoint {ep.endpoint}"
-        existing = self._t.chain_names()
+        existing = self._b.chain_names()
         wants: set[str] = set()
         for tier in ep.tiers:
-            wants |= {policy_chain_name(k, INGRESS) for k in tier.ingress}
-            wants |= {policy_chain_name(k, EGRESS) for k in tier.egress}
+            wants |= {self._b.policy_chain_name(k, INGRESS) for k in tier.ingress}
+            wants |= {self._b.policy_chain_name(k, EGRESS) for k in tier.egress}
         for p in ep.profiles:
-            wants |= {profile_chain_name(p, d) for d in (INGRESS, EGRESS)}
+            wants |= {self._b.profile_chain_name(p, d) for d in (INGRESS, EGRESS)}
         self._set_wants(iface, frozenset(wants))
         try:
-            chains = [(endpoint_chain_name(iface, d),
-                       render_endpoint_chain(ep, d, self.options, available=existing.__contains__,
-                                             staged=self._hidden.__contains__))
+            chains = [(self._b.endpoint_chain_name(iface, d),
+                       self._b.endpoint_chain(ep, d, self.options, existing.__contains__, self._hidden.__contains__))
                       for d in (INGRESS, EGRESS)]
             for name, rules in chains:
-                self._t.set_chain(name, rules)
+                self._b.set_chain(name, rules)
         except ValueError as e:
             self._error(obj, e)
             return

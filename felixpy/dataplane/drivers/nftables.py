@@ -45,6 +45,7 @@ import hashlib
 import ipaddress
 import logging
 import re
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ _JUMP_RE = re.compile(r"\b(?:jump|goto)\s+([A-Za-z_][A-Za-z0-9_./-]*)")
 # "@name" refers to a set or map; "@th,16,8" (a raw payload base) does not.
 _SETREF_RE = re.compile(r"@([A-Za-z_][A-Za-z0-9_.-]*)(?![A-Za-z0-9_.-]|\s*,)")
 _COMMENT_WORD_RE = re.compile(r"(?<![A-Za-z0-9_-])comment(?![A-Za-z0-9_-])")
+_BAD_COMMENT_RE = re.compile(r'["\x00-\x1f]')  # quotes and control characters
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:@+*-]{1,16}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _VERDICT_RE = re.compile(r"^(accept|drop|return|continue|(jump|goto) ([A-Za-z_][A-Za-z0-9_./-]*))$")
@@ -126,12 +128,16 @@ def rule_hashes(chain: str, rules: Sequence[str]) -> list[str]:
     """The hash of each rule: sha256 chained over the chain name and every rule text so far, as the
     first 16 characters of URL-safe base64 (96 bits). A change to a rule changes its hash and those of
     all rules after it, so comparing the hash lists compares whole chains."""
-    h = hashlib.sha256(b"felixpy-rule\x00" + chain.encode()).digest()
+    sha256, b64 = hashlib.sha256, base64.urlsafe_b64encode
+    h = sha256(b"felixpy-rule\x00" + chain.encode()).digest()
     out: list[str] = []
     for r in rules:
-        h = hashlib.sha256(h + b"\x00" + r.encode()).digest()
-        out.append(base64.urlsafe_b64encode(h).decode()[:HASH_LEN])
+        h = sha256(h + b"\x00" + r.encode()).digest()
+        out.append(b64(h[:_HASH_BYTES]).decode())  # 12 bytes are exactly the first 16 base64 characters
     return out
+
+
+_HASH_BYTES = HASH_LEN * 3 // 4
 
 
 def unquoted(text: str) -> str:
@@ -151,23 +157,34 @@ def check_nft_rule(text: object) -> tuple[frozenset[str], frozenset[str]]:
         raise ValueError(f"rule too long ({len(text)} characters)")
     if "\n" in text or "\r" in text or "\x00" in text:
         raise ValueError(f"rule must be one line: {text!r}")
-    bare = unquoted(text)
+    bare = unquoted(text) if '"' in text else text
     for bad, why in ((";", "';' would end the rule"), ("#", "'#' would start a comment")):
         if bad in bare:
             raise ValueError(f"rule {text!r}: {why}")
-    if _COMMENT_WORD_RE.search(bare):
+    # The substring tests are cheap pre-checks: most rules neither jump, use a set nor say "comment".
+    if "comment" in bare and _COMMENT_WORD_RE.search(bare):
         raise ValueError(f"rule {text!r}: put comments in Rule.comment, the driver adds its own")
-    return frozenset(_JUMP_RE.findall(bare)), frozenset(_SETREF_RE.findall(bare))
+    jumps = frozenset(_JUMP_RE.findall(bare)) if "jump" in bare or "goto" in bare else _EMPTY
+    sets = frozenset(_SETREF_RE.findall(bare)) if "@" in bare else _EMPTY
+    return jumps, sets
+
+
+_EMPTY: frozenset[str] = frozenset()
 
 
 def _check_comment(comment: object) -> str:
     if not isinstance(comment, str):
         raise ValueError(f"rule comment must be text, not {comment!r}")
-    if '"' in comment or any(ord(c) < 32 for c in comment):
+    if not comment:
+        return comment
+    if _BAD_COMMENT_RE.search(comment):
         raise ValueError(f"rule comment {comment!r} must not contain quotes or control characters")
-    if len((HASH_PREFIX + "x" * HASH_LEN + "; " + comment).encode()) > MAX_COMMENT:
+    if len(comment.encode()) > _MAX_USER_COMMENT:
         raise ValueError(f"rule comment {comment!r} too long (max {MAX_COMMENT - HASH_LEN - 7} bytes)")
     return comment
+
+
+_MAX_USER_COMMENT = MAX_COMMENT - len((HASH_PREFIX + "x" * HASH_LEN + "; ").encode())
 
 
 def _check_name(kind: str, name: object, pattern: re.Pattern[str] = _NAME_RE) -> str:
@@ -193,15 +210,18 @@ def _canon_comp(comp: str, v: object, *, interval: bool) -> str:
         want = 4 if comp == "ipv4_addr" else 6
         if isinstance(v, int) and not isinstance(v, bool):
             raise ValueError(f"{v!r} is not an IPv{want} address")
-        try:
-            net = ipaddress.ip_network(str(v), strict=False)
-        except ValueError:
-            raise ValueError(f"{v!r} is not an IPv{want} address or CIDR") from None
+        if isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            net = v  # already a canonical network: no need to print and parse it again
+        else:
+            try:
+                net = ipaddress.ip_network(str(v), strict=False)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IPv{want} address or CIDR") from None
         if net.version != want:
             raise ValueError(f"{v!r} is not IPv{want}")
         if interval:
             return str(net)
-        if net.num_addresses != 1:
+        if net.prefixlen != net.max_prefixlen:
             raise ValueError(f"{v!r}: a CIDR needs a set with flags interval")
         return str(net.network_address)
     if comp == "ifname":
@@ -294,6 +314,11 @@ class _ChainSpec:
     jumps: frozenset[str]
     sets: frozenset[str]
     texts: tuple[str, ...]
+    raw: tuple[object, ...] = ()  # the rules as given to set_chain, to skip an unchanged set_chain cheaply
+
+    def refs(self) -> frozenset[str]:
+        """What the chain refers to, as reference keys: chain names and ``@set`` names."""
+        return self.jumps | {"@" + s for s in self.sets} if self.sets else self.jumps
 
 
 @dataclass
@@ -304,6 +329,7 @@ class _SetSpec:
     map_type: str  # "" for a set
     members: dict[str, str]  # canonical key -> canonical value ("" for sets), before collapsing
     _elements: dict[str, str] | None = None
+    _targets: frozenset[str] | None = None
 
     @property
     def interval(self) -> bool:
@@ -314,22 +340,27 @@ class _SetSpec:
         return "map" if self.map_type else "set"
 
     def reset(self) -> None:
+        """Forget what is derived from ``members`` (call after changing them)."""
         self._elements = None
+        self._targets = None
 
     def elements(self) -> dict[str, str]:
         """The elements as the kernel will hold them (interval CIDRs collapsed)."""
         if self._elements is None:
             if self.interval:
-                nets = [ipaddress.ip_network(k) for k in self.members]
-                self._elements = {str(n): "" for n in ipaddress.collapse_addresses(nets)}  # type: ignore[type-var]
+                self._elements = dict.fromkeys(_collapse_cidrs(self.members, self.comps[0] == "ipv6_addr"), "")
             else:
                 self._elements = dict(self.members)
         return self._elements
 
-    def verdict_targets(self) -> set[str]:
-        if self.map_type != "verdict":
-            return set()
-        return {v.split(" ", 1)[1] for v in self.members.values() if " " in v}
+    def verdict_targets(self) -> frozenset[str]:
+        """The chains a verdict map's values jump or go to (cached until ``reset``)."""
+        if self._targets is None:
+            if self.map_type != "verdict":
+                self._targets = _EMPTY
+            else:
+                self._targets = frozenset(v.split(" ", 1)[1] for v in self.members.values() if " " in v)
+        return self._targets
 
     def same_kind(self, o: _SetSpec) -> bool:
         return (self.type, self.flags, self.map_type) == (o.type, o.flags, o.map_type)
@@ -348,12 +379,58 @@ class _SetSpec:
         return ", ".join(_render_elem(self.comps, k) for k in keys)
 
 
+def _collapse_cidrs(keys: Iterable[str], v6: bool) -> list[str]:
+    """Canonical CIDR keys collapsed to the fewest CIDRs covering the same addresses (what
+    ``ipaddress.collapse_addresses`` gives), computed on integers: sort the ranges, merge the overlapping
+    or adjacent ones, split each merged range into aligned CIDRs."""
+    family, bits = (socket.AF_INET6, 128) if v6 else (socket.AF_INET, 32)
+    ranges: list[tuple[int, int]] = []
+    for k in keys:
+        addr, _, plen = k.partition("/")
+        start = int.from_bytes(socket.inet_pton(family, addr), "big")
+        size = 1 << (bits - int(plen)) if plen else 1
+        ranges.append((start, start + size - 1))
+    ranges.sort()
+    out: list[str] = []
+    cur_s = cur_e = -2
+    for a, b in ranges:
+        if a <= cur_e + 1:
+            if b > cur_e:
+                cur_e = b
+            continue
+        if cur_e >= 0:
+            _range_cidrs(cur_s, cur_e, bits, out)
+        cur_s, cur_e = a, b
+    if cur_e >= 0:
+        _range_cidrs(cur_s, cur_e, bits, out)
+    return out
+
+
+def _range_cidrs(start: int, end: int, bits: int, out: list[str]) -> None:
+    """Append the aligned CIDRs that exactly cover [start, end], lowest first."""
+    while start <= end:
+        # The biggest block aligned at start (its lowest set bit) that does not pass end.
+        size = start & -start if start else 1 << bits
+        while start + size - 1 > end:
+            size >>= 1
+        plen = bits - size.bit_length() + 1
+        if bits == 32:
+            addr = f"{start >> 24}.{(start >> 16) & 255}.{(start >> 8) & 255}.{start & 255}"
+        else:
+            addr = str(ipaddress.IPv6Address(start))  # the same text as the kernel side's parse
+        out.append(f"{addr}/{plen}")
+        start += size
+
+
 @dataclass
 class _KChain:
     base: BaseChain | None
     hashes: list[str | None]
     sets: set[str] = field(default_factory=set)  # sets/maps its rules refer to
     jumps: set[str] = field(default_factory=set)  # chains its rules jump/goto
+
+    def refs(self) -> set[str]:
+        return self.jumps | {"@" + s for s in self.sets}
 
 
 @dataclass
@@ -420,6 +497,9 @@ class NftTable:
         self._sets: dict[str, _SetSpec] = {}
         self._dirty_chains: set[str] = set()
         self._dirty_sets: set[str] = set()
+        # Reference key (chain name or "@set") -> desired chains ("name") and maps ("@name") referring to
+        # it, so an apply re-checks only what changed and what refers to it.
+        self._referrers: dict[str, set[str]] = {}
         self._failed: dict[str, str] = {}  # rejected by nft: not retried until set again or resync
         self._bad: dict[str, str] = {}  # everything not programmable at the last apply (incl. _failed)
         self._logged: dict[str, str] = {}
@@ -428,6 +508,7 @@ class NftTable:
         self._table_exists = False
         self._kchains: dict[str, _KChain] = {}
         self._ksets: dict[str, _SetSpec] = {}
+        self._kreferrers: dict[str, set[str]] = {}  # the same index for the chains in the kernel
         self._resync = True
 
     @property
@@ -445,11 +526,15 @@ class NftTable:
             base.validate()
         if isinstance(rules, str | Rule):
             raise ValueError(f"rules of chain {name} must be a sequence of rules, not one rule")
+        raw = tuple(rules)
+        old = self._chains.get(name)
+        if old is not None and old.base == base and old.raw == raw:
+            return  # the same rules as last time: already validated, nothing changes
         texts: list[str] = []
         comments: list[str] = []
         jumps: set[str] = set()
         sets: set[str] = set()
-        for r in rules:
+        for r in raw:
             text, comment = (r.text, r.comment) if isinstance(r, Rule) else (r, "")
             try:
                 j, s = check_nft_rule(text)
@@ -464,15 +549,27 @@ class NftTable:
         hashes = rule_hashes(name, [t + ("\x00" + c if c else "") for t, c in zip(texts, comments, strict=True)])
         lines = tuple(f'{t} comment "{self.hash_prefix}{h}' + (f"; {c}" if c else "") + '"'
                       for t, c, h in zip(texts, comments, hashes, strict=True))
-        old = self._chains.get(name)
         if old is not None and old.hashes == tuple(hashes) and old.base == base:
+            old.raw = raw
             return
-        self._chains[name] = _ChainSpec(base, lines, tuple(hashes), frozenset(jumps), frozenset(sets), tuple(texts))
+        spec = _ChainSpec(base, lines, tuple(hashes), frozenset(jumps), frozenset(sets), tuple(texts), raw)
+        self._chains[name] = spec
+        old_refs = old.refs() if old is not None else _EMPTY
+        new_refs = spec.refs()
+        if old_refs != new_refs:
+            _unlink(self._referrers, name, old_refs)
+            _link(self._referrers, name, new_refs)
         self._dirty_chains.add(name)
         self._failed.pop(name, None)
 
+    def has_chain(self, name: str) -> bool:
+        """Whether chain ``name`` is desired (cheaper than ``name in chain_names()``)."""
+        return name in self._chains
+
     def remove_chain(self, name: str) -> None:
-        if self._chains.pop(name, None) is not None:
+        old = self._chains.pop(name, None)
+        if old is not None:
+            _unlink(self._referrers, name, old.refs())
             self._dirty_chains.add(name)
             self._failed.pop(name, None)
 
@@ -531,7 +628,9 @@ class NftTable:
 
     def remove_set(self, name: str) -> None:
         """Remove a set or map."""
-        if self._sets.pop(name, None) is not None:
+        old = self._sets.pop(name, None)
+        if old is not None:
+            _unlink(self._referrers, "@" + name, old.verdict_targets())
             self._dirty_sets.add(name)
             self._failed.pop("@" + name, None)
 
@@ -561,6 +660,10 @@ class NftTable:
         if old is not None and old.same_kind(spec) and old.members == spec.members:
             return
         self._sets[name] = spec
+        old_targets = old.verdict_targets() if old is not None else _EMPTY
+        if old_targets or spec.map_type == "verdict":
+            _unlink(self._referrers, "@" + name, old_targets)
+            _link(self._referrers, "@" + name, spec.verdict_targets())
         self._dirty_sets.add(name)
         self._failed.pop("@" + name, None)
 
@@ -615,6 +718,7 @@ class NftTable:
         self._table_exists = False
         self._kchains = {}
         self._ksets = {}
+        self._kreferrers = {}
         self._resync = True
 
     # -- reconciliation -----------------------------------------------------------------------------
@@ -651,6 +755,9 @@ class NftTable:
         self._table_exists = exists
         self._kchains = chains
         self._ksets = sets
+        self._kreferrers = {}
+        for name, kc in chains.items():
+            _link(self._kreferrers, name, kc.refs())
         self._dirty_chains = set(self._chains) | set(chains)
         self._dirty_sets = set(self._sets) | set(sets)
         self._failed = {}
@@ -714,35 +821,57 @@ class NftTable:
 
     def _unprogrammable(self) -> dict[str, str]:
         """Desired chains/maps that cannot be written: nft rejected them, or they refer to objects
-        that are not desired (or cannot be written themselves and are not in the kernel)."""
+        that are not desired (or cannot be written themselves and are not in the kernel).
+
+        Only what may have changed is looked at: dirty objects, rejected and previously unprogrammable
+        ones (those stay dirty), and everything that refers to them, transitively. Anything else was
+        programmable at the last apply and nothing it refers to has changed since."""
+        chains, sets, referrers = self._chains, self._sets, self._referrers
+        affected = {*self._dirty_chains, *("@" + s for s in self._dirty_sets), *self._failed, *self._bad}
+        todo = list(affected)
+        while todo:
+            for r in referrers.get(todo.pop(), ()):
+                if r not in affected:
+                    affected.add(r)
+                    todo.append(r)
         bad = dict(self._failed)
-        chains, sets = self._chains, self._sets
-        for name, spec in chains.items():
-            if name in bad:
+        for key in affected:
+            if key[0] == "@":
+                sspec = sets.get(key[1:])
+                if sspec is None:
+                    continue
+                missing = [t for t in sspec.verdict_targets() if t not in chains]
+                if missing:
+                    bad[key] = f"a verdict refers to chain {min(missing)} which is not desired"
                 continue
-            for j in sorted(spec.jumps):
-                if j not in chains:
-                    bad[name] = f"jumps to chain {j} which is not desired"
+            spec = chains.get(key)
+            if spec is None or key in bad:
+                continue
+            for j in sorted(spec.jumps) if len(spec.jumps) > 1 else spec.jumps:
+                jspec = chains.get(j)
+                if jspec is None:
+                    bad[key] = f"jumps to chain {j} which is not desired"
                     break
-                if chains[j].base is not None:
-                    bad[name] = f"jumps to base chain {j}"
+                if jspec.base is not None:
+                    bad[key] = f"jumps to base chain {j}"
                     break
             else:
                 for s in sorted(spec.sets):
                     if s not in sets:
-                        bad[name] = f"refers to set @{s} which is not desired"
+                        bad[key] = f"refers to set @{s} which is not desired"
                         break
-        for name, sspec in sets.items():
-            for target in sspec.verdict_targets():
-                if target not in chains:
-                    bad["@" + name] = f"a verdict refers to chain {target} which is not desired"
-                    break
+        if not bad:
+            return bad
+        # Spread unprogrammability to referrers, in the desired objects' order (as a full walk would).
+        chain_order = [n for n in chains if n in affected]
+        set_order = [n for n in sets if "@" + n in affected]
         changed = True
         while changed:
             changed = False
-            for name, spec in chains.items():
+            for name in chain_order:
                 if name in bad:
                     continue
+                spec = chains[name]
                 why = next((f"jumps to chain {j} which cannot be programmed" for j in sorted(spec.jumps)
                             if j in bad and j not in self._kchains), None)
                 why = why or next((f"refers to set @{s} which cannot be programmed" for s in sorted(spec.sets)
@@ -750,9 +879,10 @@ class NftTable:
                 if why:
                     bad[name] = why
                     changed = True
-            for name, sspec in sets.items():
+            for name in set_order:
                 if "@" + name in bad:
                     continue
+                sspec = sets[name]
                 t = next((t for t in sorted(sspec.verdict_targets()) if t in bad and t not in self._kchains), None)
                 if t is not None:
                     bad["@" + name] = f"a verdict refers to chain {t} which cannot be programmed"
@@ -779,8 +909,8 @@ class NftTable:
                 if not removals:
                     p.deferred += 1
                     continue
-                force_rewrite |= {c for c, s in self._chains.items() if name in s.sets}
-                force_rewrite |= {c for c, k in self._kchains.items() if name in k.sets}
+                force_rewrite |= self._referrers.get("@" + name, set())  # only chains refer to sets
+                force_rewrite |= self._kreferrers.get("@" + name, set())
                 p.add(_P_RECREATE, f"delete {have.keyword} {fam_t} {name}")
                 p.add(_P_RECREATE, f"add {want.keyword} {fam_t} {name} {want.declare()}")
                 self._fill_set(p, name, want)
@@ -838,21 +968,22 @@ class NftTable:
                 p.deferred += len(set_deletes) + len(chain_deletes)
             else:
                 dropping = set(chain_deletes)
-                staying = [k for c, k in self._kchains.items() if c not in p.written and c not in dropping]
-                used_sets = {s for k in staying for s in k.sets}
-                used_chains = {j for k in staying for j in k.jumps}
+
+                def used_by_staying_chain(key: str) -> bool:
+                    # Kernel chains that stay as they are (not rewritten, not deleted) and refer to key.
+                    return any(c not in p.written and c not in dropping for c in self._kreferrers.get(key, ()))
+
                 deleted_set_names = {n for _, n in set_deletes}
-                for n, ks in self._ksets.items():
-                    if n not in deleted_set_names and n not in p.set_full:
-                        used_chains |= ks.verdict_targets()
+                staying_maps = [ks for n, ks in self._ksets.items()
+                                if ks.map_type == "verdict" and n not in deleted_set_names and n not in p.set_full]
                 for kw, name in sorted(set_deletes, key=lambda kn: kn[0] != "map"):  # maps refer to chains
-                    if name in used_sets:
+                    if used_by_staying_chain("@" + name):
                         p.deferred += 1
                         continue
                     p.add(_P_DELETE, f"delete {kw} {fam_t} {name}")
                     p.deleted_sets.add(name)
                 for name in chain_deletes:
-                    if name in used_chains:
+                    if used_by_staying_chain(name) or any(name in ks.verdict_targets() for ks in staying_maps):
                         p.deferred += 1
                         continue
                     p.add(_P_FLUSH, f"flush chain {fam_t} {name}")
@@ -893,23 +1024,48 @@ class NftTable:
     def _committed(self, plan: _Plan) -> None:
         if plan.new_table:
             self._table_exists = True
+        krefs = self._kreferrers
         for name in plan.written:
             spec = self._chains[name]
-            self._kchains[name] = _KChain(spec.base, list(spec.hashes), set(spec.sets), set(spec.jumps))
+            old = self._kchains.get(name)
+            if old is not None:
+                _unlink(krefs, name, old.refs())
+            kc = self._kchains[name] = _KChain(spec.base, list(spec.hashes), set(spec.sets), set(spec.jumps))
+            _link(krefs, name, kc.refs())
         for name in plan.deleted_chains:
-            self._kchains.pop(name, None)
+            old = self._kchains.pop(name, None)
+            if old is not None:
+                _unlink(krefs, name, old.refs())
         for name in plan.set_full:
             w = self._sets[name]
             self._ksets[name] = _SetSpec(w.comps, w.type, w.flags, w.map_type, dict(w.elements()))
         for name, dels in plan.set_dels.items():
+            ks = self._ksets[name]
             for k in dels:
-                self._ksets[name].members.pop(k, None)
+                ks.members.pop(k, None)
+            ks.reset()
         for name, adds in plan.set_adds.items():
             welems = self._sets[name].elements()
+            ks = self._ksets[name]
             for k in adds:
-                self._ksets[name].members[k] = welems[k]
+                ks.members[k] = welems[k]
+            ks.reset()
         for name in plan.deleted_sets:
             self._ksets.pop(name, None)
+
+
+def _link(index: dict[str, set[str]], referrer: str, targets: Iterable[str]) -> None:
+    for t in targets:
+        index.setdefault(t, set()).add(referrer)
+
+
+def _unlink(index: dict[str, set[str]], referrer: str, targets: Iterable[str]) -> None:
+    for t in targets:
+        refs = index.get(t)
+        if refs is not None:
+            refs.discard(referrer)
+            if not refs:
+                del index[t]
 
 
 def _nets(key: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
