@@ -283,7 +283,9 @@ class Agent:
                 await event.wait()
                 await asyncio.sleep(0.1)  # coalesce bursts (including the echoes of our own writes)
                 event.clear()
-                self.dataplane.queue_resync()
+                # Link/route events only concern routes and tunnel devices; nft/iptables drift is left to
+                # the refresh timer, as Felix does with its iptables refresh.
+                self.dataplane.queue_resync([self.vxlan_dev, self.ipip_dev, self.bgp_route_mgr, self.route_table])
         finally:
             loop.remove_reader(mon.fileno())
             mon.close()

@@ -72,9 +72,11 @@ class Dataplane:
             self._dirty = True
             self._wake.set()
 
-    def queue_resync(self) -> None:
-        """Kernel state may have drifted (refresh timer, netlink event): re-read it on the next apply."""
-        for d in self._drivers:
+    def queue_resync(self, drivers: Sequence[Driver] | None = None) -> None:
+        """Kernel state may have drifted (refresh timer, netlink event): re-read it on the next apply.
+        ``drivers`` limits the re-read to the drivers whose state the event concerns (a new veth says
+        nothing about the nft table, whose full re-read costs seconds at a few thousand rules)."""
+        for d in self._drivers if drivers is None else drivers:
             d.queue_resync()
         self._dirty = True
         self._wake.set()
