@@ -21,7 +21,7 @@ from felixpy.calc.messages import (
     WorkloadEndpointRemove,
     WorkloadEndpointUpdate,
 )
-from felixpy.calc.overlay import LocalOverlay
+from felixpy.calc.overlay import LocalOverlay, rev_int
 from felixpy.calc.policy import PolicyCalculator
 from felixpy.calc.routes import RouteResolver
 from felixpy.datastore.api import (
@@ -60,6 +60,7 @@ class CalcGraph:
                  bgp_enabled: bool = False, bgp_hold_time: int = 90, policy_enabled: bool = False) -> None:
         self.node = node
         self._synced: dict[Key, Resource] = {}
+        self._synced_rev: dict[Key, int] = {}
         self.overlay = LocalOverlay(overlay_ttl)
         self._emitted: dict[Key, _Derived] = {}
         self._dirty: set[Key] = set()
@@ -91,8 +92,10 @@ class CalcGraph:
                 continue
             if u.value is None:
                 self._synced.pop(u.key, None)
+                self._synced_rev.pop(u.key, None)
             else:
                 self._synced[u.key] = u.value
+                self._synced_rev[u.key] = rev_int(u.revision)
             if not self.overlay.shadows(u.key, u.value, u.revision):
                 self._dirty.add(u.key)
 
@@ -236,6 +239,11 @@ class CalcGraph:
         """This agent wrote ``key`` (value None = deleted; revision = the write's, or last known for deletes)."""
         if value is None:
             self.overlay.record_delete(key, revision, now)
+        elif key in self._synced and self._synced_rev.get(key, -1) >= rev_int(revision) >= 0:
+            # The watch already delivered this write (or a newer one) before we got here: the synced copy
+            # is at least as fresh (with the Kubernetes datastore it also has the Pod's labels), and an
+            # overlay entry would shadow it until it expired, since no newer event is coming.
+            pass
         else:
             self.overlay.record_put(key, value, revision, now)
         self._dirty.add(key)

@@ -98,3 +98,26 @@ def test_overlay_expiry_falls_back_to_synced_view() -> None:
     g.flush()
     g.expire(now=6)  # the watch never confirmed it: trust the datastore (which has nothing)
     assert g.flush() == [WorkloadEndpointRemove(K1)]
+
+
+def test_local_write_already_delivered_by_the_watch_does_not_shadow_it() -> None:
+    """The watch event of our own write (same revision, richer: KDD adds the Pod's labels) can arrive
+    before the CNI path records the write; the synced copy must win, not a stale overlay entry."""
+    from felixpy.calc.messages import WorkloadEndpointUpdate as WEU
+
+    g = CalcGraph("n")
+    key = Key(KIND_WEP, "n-k8s-p-eth0", "ns")
+    rich = {"metadata": {"name": key.name, "namespace": "ns", "labels": {"app": "web"}},
+            "spec": {"node": "n", "interfaceName": "cali1", "ipNetworks": ["10.0.0.1/32"], "mac": "aa:bb:cc:dd:ee:ff",
+                     "containerID": "c1"}}
+    poor = {"metadata": {"name": key.name, "namespace": "ns", "labels": {}},
+            "spec": {**rich["spec"], "interfaceName": "cali2"}}
+    g.on_updates([Update(key, rich, "7")])
+    g.flush()
+    g.on_local_write(key, poor, "7", 0.0)
+    out = [m for m in g.flush() if isinstance(m, WEU)]
+    assert out == []  # still the synced (rich) copy: iface cali1
+    assert [m.iface for m in g.local_endpoints()] == ["cali1"]
+    # A write newer than the synced copy does go into the overlay.
+    g.on_local_write(key, poor, "8", 0.0)
+    assert [m.iface for m in g.flush() if isinstance(m, WEU)] == ["cali2"]
