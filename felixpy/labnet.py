@@ -583,11 +583,12 @@ class KubeApi:
         self.token = token
         self._ctx = ssl.create_default_context(cafile=ca_file)
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None, *,
+                content_type: str = "application/json") -> Any:
         req = urllib.request.Request(self.server + path, method=method,
                                      data=None if body is None else json.dumps(body).encode(),
                                      headers={"Authorization": f"Bearer {self.token}",
-                                              "Content-Type": "application/json", "Accept": "application/json"})
+                                              "Content-Type": content_type, "Accept": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30, context=self._ctx) as r:
                 raw = r.read()
@@ -609,8 +610,16 @@ class KubeApi:
             if e.status != 404:
                 raise
 
-    def ensure_namespace(self, ns: str) -> None:
-        self.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    def patch(self, path: str, body: dict[str, Any]) -> Any:
+        """A JSON merge patch (RFC 7386): only the given fields change."""
+        return self.request("PATCH", path, body, content_type="application/merge-patch+json")
+
+    def ensure_namespace(self, ns: str, labels: dict[str, str] | None = None) -> None:
+        """The namespace (and its default ServiceAccount); ``labels`` are merged into an existing one's."""
+        md: dict[str, Any] = {"name": ns, **({"labels": labels} if labels else {})}
+        self.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": md})
+        if labels:
+            self.patch(f"/api/v1/namespaces/{ns}", {"metadata": {"labels": labels}})
         # No controller-manager runs here, so the ServiceAccount admission needs this made by hand.
         self.create(f"/api/v1/namespaces/{ns}/serviceaccounts",
                     {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": ns}})
@@ -619,11 +628,17 @@ class KubeApi:
         self.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {
             "name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}}})
 
-    def create_pod(self, ns: str, name: str, node: str) -> None:
+    def create_pod(self, ns: str, name: str, node: str, *, labels: dict[str, str] | None = None,
+                   ports: Sequence[dict[str, Any]] = ()) -> None:
+        """A Pod bound to ``node``, labelled ``app=<name>`` plus ``labels`` (which win); ``ports`` are its
+        container's ``ports`` entries (``{"name": "web", "containerPort": 8080, "protocol": "TCP"}``)."""
+        container: dict[str, Any] = {"name": "main", "image": "localhost/felixpy-busybox:latest"}
+        if ports:
+            container["ports"] = [dict(p) for p in ports]
         self.create(f"/api/v1/namespaces/{ns}/pods", {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
-            "spec": {"nodeName": node, "automountServiceAccountToken": False,
-                     "containers": [{"name": "main", "image": "localhost/felixpy-busybox:latest"}]}})
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": name, **(labels or {})}},
+            "spec": {"nodeName": node, "automountServiceAccountToken": False, "containers": [container]}})
 
     def apply_crds(self, crd_dir: Path = CRD_DIR, timeout: float = 60.0) -> None:
         import yaml
@@ -1008,20 +1023,30 @@ class Lab:
             pods = [PodInfo(**p) for p in self.ledger.data["pods"].values()]
         return sorted(pods, key=lambda p: (self.plan.node(p.node).index, len(p.name), p.name))
 
-    def add_pod(self, node: str, name: str = "") -> PodInfo:
-        """A pod on ``node`` the way kubelet makes one: (Kubernetes: the Pod object,) a netns, CNI ADD."""
+    def add_pod(self, node: str, name: str = "", *, namespace: str = K8S_NAMESPACE,
+                labels: dict[str, str] | None = None, ports: Sequence[dict[str, Any]] = ()) -> PodInfo:
+        """A pod on ``node`` the way kubelet makes one: (Kubernetes: the Pod object,) a netns, CNI ADD.
+
+        ``namespace`` is the pod's Kubernetes namespace (created if missing); pod names are unique across
+        namespaces (they name the netns). ``labels`` (added to ``app=<name>``) and ``ports`` (container
+        ports, e.g. named ones) go into the Pod object, so they matter with the Kubernetes datastore only."""
         n = self.plan.node(node)
         with self.ledger.lock:
             if not name:
                 taken = set(self.ledger.data["pods"])
                 name = next(f"n{n.index}-p{j}" for j in range(1, 10_000) if f"n{n.index}-p{j}" not in taken)
-            pod = PodInfo(name, n.name, f"{self.spec.prefix}-{name}", uuid.uuid4().hex)
+            elif name in self.ledger.data["pods"]:
+                raise LabError(f"a pod named {name!r} exists already (names are unique across namespaces)")
+            pod = PodInfo(name, n.name, f"{self.spec.prefix}-{name}", uuid.uuid4().hex, k8s_namespace=namespace)
             self.ledger.put_pod(name, pod.to_json())
             self.ledger.add_netns(pod.netns)
         run("ip", "netns", "add", pod.netns)
         ds = self.datastore()
         if ds.server:
-            ds.kube().create_pod(pod.k8s_namespace, name, n.name)
+            kube = ds.kube()
+            if namespace != K8S_NAMESPACE:
+                kube.ensure_namespace(namespace)
+            kube.create_pod(pod.k8s_namespace, name, n.name, labels=labels, ports=ports)
         rc, out = self.cni("ADD", pod)
         if rc != 0 or not out.get("ips"):
             raise LabError(f"CNI ADD for pod {name} on {n.name} failed ({rc}): {out}; "

@@ -158,8 +158,15 @@ class Cluster:
         return self.lab.datastore()
 
     # -- pods -------------------------------------------------------------------------------------------
-    def add_pod(self, node: str | int, name: str = "") -> Pod:
-        return self.lab.add_pod(self.node(node).name, name)
+    def add_pod(self, node: str | int, name: str = "", *, namespace: str = labnet.K8S_NAMESPACE,
+                labels: dict[str, str] | None = None, ports: list[dict[str, Any]] | None = None) -> Pod:
+        """A pod on ``node``; ``namespace``, ``labels`` and container ``ports`` as in
+        :meth:`felixpy.labnet.Lab.add_pod` (they reach the agent with the Kubernetes datastore)."""
+        return self.lab.add_pod(self.node(node).name, name, namespace=namespace, labels=labels, ports=ports or ())
+
+    def add_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        """A Kubernetes namespace with ``labels`` (merged into an existing one's); Kubernetes datastore only."""
+        self.datastore.kube().ensure_namespace(name, labels)
 
     def del_pod(self, pod: Pod) -> None:
         self.lab.del_pod(pod)
@@ -213,6 +220,17 @@ class Cluster:
 
     def agent_log(self, node: str | int, limit: int = 3000) -> str:
         return labnet.log_tail(self.lab.agent_log(self.node(node).name), limit)
+
+    def ruleset(self, node: str | int) -> str:
+        """The node's policy/NAT rules as the kernel has them: ``nft list table ip calico``, the ``cali``
+        lines of ``iptables-save`` and ``ipset list`` (whichever backend the agent uses, the other is empty)."""
+        netns = self.node(node).netns
+        nft = labnet.ns_run(netns, "nft", "list", "table", "ip", "calico", check=False)
+        ipt = "\n".join(ln for ln in labnet.ns_run(netns, "iptables-save", check=False).splitlines()
+                        if "cali" in ln or ln.startswith("*"))
+        sets = labnet.ns_run(netns, "ipset", "list", check=False) if shutil.which("ipset") else ""
+        return (f"# nft list table ip calico\n{nft or '(no table)'}\n# iptables-save (cali)\n{ipt or '(none)'}"
+                f"\n# ipset list\n{sets.strip() or '(none)'}")
 
     def diagnostics(self, limit: int = 1500) -> str:
         """Routes, peers and log tails of every node: the message for a failed assertion."""
