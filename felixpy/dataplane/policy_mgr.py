@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from typing import Any, Protocol
 
 from felixpy.dataplane import policy_render as nft_render
 from felixpy.dataplane import policy_render_ipt as ipt_render
-from felixpy.dataplane.drivers.iptables import IptablesDataplane
+from felixpy.dataplane.drivers.iptables import IptablesDataplane, IptablesTable
 from felixpy.dataplane.drivers.nftables import NftTable
 from felixpy.dataplane.drivers.nftables import Rule as DriverRule
 from felixpy.dataplane.policy_render import (
@@ -68,39 +69,69 @@ from felixpy.model.policy import (
 log = logging.getLogger(__name__)
 
 
+class _Renderer(Protocol):
+    """What policy_render (nft) and policy_render_ipt (iptables) both provide, under the same names."""
+
+    def policy_chain_name(self, key: PolicyKey, direction: str) -> str: ...
+
+    def profile_chain_name(self, name: str, direction: str) -> str: ...
+
+    def endpoint_chain_name(self, iface: str, direction: str) -> str: ...
+
+    def policy_chains(self, policy: Policy, opts: RenderOptions = ...) -> list[ChainSpec]: ...
+
+    def profile_chains(self, profile: Profile, opts: RenderOptions = ...) -> list[ChainSpec]: ...
+
+    def render_endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions = ..., *,
+                              available: Callable[[str], bool] | None = None,
+                              staged: Callable[[PolicyKey], bool] | None = None) -> list[Any]: ...
+
+
+class _Table(Protocol):
+    """The chain operations NftTable and IptablesTable share."""
+
+    def set_chain(self, name: str, rules: Sequence[str | DriverRule]) -> None: ...
+
+    def remove_chain(self, name: str) -> None: ...
+
+    def has_chain(self, name: str) -> bool: ...
+
+
 class _Backend:
-    """What differs between the nftables table and the iptables dataplane: names, rendering, sets,
-    static chains and dispatch. Everything else in the manager is shared."""
+    """One table backend: the renderer module gives names and chains, the subclass talks to its driver."""
+
+    render: _Renderer
+    t: _Table
 
     def policy_chain_name(self, key: PolicyKey, direction: str) -> str:
-        raise NotImplementedError
+        return self.render.policy_chain_name(key, direction)
 
     def profile_chain_name(self, name: str, direction: str) -> str:
-        raise NotImplementedError
+        return self.render.profile_chain_name(name, direction)
 
     def endpoint_chain_name(self, iface: str, direction: str) -> str:
-        raise NotImplementedError
+        return self.render.endpoint_chain_name(iface, direction)
 
     def policy_chains(self, policy: Policy, opts: RenderOptions) -> list[ChainSpec]:
-        raise NotImplementedError
+        return self.render.policy_chains(policy, opts)
 
     def profile_chains(self, profile: Profile, opts: RenderOptions) -> list[ChainSpec]:
-        raise NotImplementedError
+        return self.render.profile_chains(profile, opts)
 
     def endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions,
                        available: Callable[[str], bool], staged: Callable[[PolicyKey], bool]) -> list[DriverRule]:
-        raise NotImplementedError
-
-    def set_name(self, set_id: str, ip_version: int) -> str:
-        raise NotImplementedError
+        return self.render.render_endpoint_chain(ep, direction, opts, available=available, staged=staged)
 
     def set_chain(self, name: str, rules: Iterable[DriverRule]) -> None:
-        raise NotImplementedError
+        self.t.set_chain(name, list(rules))
 
     def remove_chain(self, name: str) -> None:
-        raise NotImplementedError
+        self.t.remove_chain(name)
 
-    def chain_names(self) -> frozenset[str]:
+    def has_chain(self, name: str) -> bool:
+        return self.t.has_chain(name)
+
+    def set_name(self, set_id: str, ip_version: int) -> str:
         raise NotImplementedError
 
     def set_set(self, name: str, members: frozenset[IPNet] | None, ip_version: int) -> None:
@@ -117,43 +148,18 @@ class _Backend:
 
 
 class _NftBackend(_Backend):
+    t: NftTable
+
     def __init__(self, table: NftTable) -> None:
+        self.render = nft_render
         self.t = table
-
-    def policy_chain_name(self, key: PolicyKey, direction: str) -> str:
-        return nft_render.policy_chain_name(key, direction)
-
-    def profile_chain_name(self, name: str, direction: str) -> str:
-        return nft_render.profile_chain_name(name, direction)
-
-    def endpoint_chain_name(self, iface: str, direction: str) -> str:
-        return nft_render.endpoint_chain_name(iface, direction)
-
-    def policy_chains(self, policy: Policy, opts: RenderOptions) -> list[ChainSpec]:
-        return nft_render.policy_chains(policy, opts)
-
-    def profile_chains(self, profile: Profile, opts: RenderOptions) -> list[ChainSpec]:
-        return nft_render.profile_chains(profile, opts)
-
-    def endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions,
-                       available: Callable[[str], bool], staged: Callable[[PolicyKey], bool]) -> list[DriverRule]:
-        return nft_render.render_endpoint_chain(ep, direction, opts, available=available, staged=staged)
 
     def set_name(self, set_id: str, ip_version: int) -> str:
         return nft_render.nft_set_name(set_id, ip_version)
 
-    def set_chain(self, name: str, rules: Iterable[DriverRule]) -> None:
-        self.t.set_chain(name, list(rules))
-
-    def remove_chain(self, name: str) -> None:
-        self.t.remove_chain(name)
-
-    def chain_names(self) -> frozenset[str]:
-        return self.t.chain_names()
-
     def set_set(self, name: str, members: frozenset[IPNet] | None, ip_version: int) -> None:
         elems = sorted((n for n in members or () if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network)
-                        and n.version == ip_version), key=str)
+                        and n.version == ip_version), key=lambda n: (int(n.network_address), n.prefixlen))
         self.t.set_set(name, "ipv4_addr" if ip_version == 4 else "ipv6_addr", elems, flags=("interval",))
 
     def remove_set(self, name: str) -> None:
@@ -172,43 +178,18 @@ class _NftBackend(_Backend):
 
 
 class _IptBackend(_Backend):
+    t: IptablesTable
+
     def __init__(self, dp: IptablesDataplane) -> None:
         if "filter" not in dp.tables or dp.ipsets is None:
             raise ValueError("the iptables policy backend needs a filter table and IP sets "
                              "(e.g. make_nat_backend('iptables', with_filter=True))")
+        self.render = ipt_render
         self.t = dp.table("filter")
         self.ipsets = dp.ipsets
 
-    def policy_chain_name(self, key: PolicyKey, direction: str) -> str:
-        return ipt_render.policy_chain_name(key, direction)
-
-    def profile_chain_name(self, name: str, direction: str) -> str:
-        return ipt_render.profile_chain_name(name, direction)
-
-    def endpoint_chain_name(self, iface: str, direction: str) -> str:
-        return ipt_render.endpoint_chain_name(iface, direction)
-
-    def policy_chains(self, policy: Policy, opts: RenderOptions) -> list[ChainSpec]:
-        return ipt_render.policy_chains(policy, opts)
-
-    def profile_chains(self, profile: Profile, opts: RenderOptions) -> list[ChainSpec]:
-        return ipt_render.profile_chains(profile, opts)
-
-    def endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions,
-                       available: Callable[[str], bool], staged: Callable[[PolicyKey], bool]) -> list[DriverRule]:
-        return ipt_render.render_endpoint_chain(ep, direction, opts, available=available, staged=staged)
-
     def set_name(self, set_id: str, ip_version: int) -> str:
         return ipt_render.ipset_name(set_id, ip_version)
-
-    def set_chain(self, name: str, rules: Iterable[DriverRule]) -> None:
-        self.t.set_chain(name, list(rules))
-
-    def remove_chain(self, name: str) -> None:
-        self.t.remove_chain(name)
-
-    def chain_names(self) -> frozenset[str]:
-        return self.t.chain_names()
 
     def set_set(self, name: str, members: frozenset[IPNet] | None, ip_version: int) -> None:
         self.ipsets.set_ipset(name, "hash:net", ipt_render.ipset_members(members or (), ip_version))
@@ -465,7 +446,7 @@ class PolicyManager:
             self._set_wants(iface, frozenset())
             return
         obj = f"endpoint {ep.endpoint}"
-        existing = self._b.chain_names()
+        has = self._b.has_chain
         wants: set[str] = set()
         for tier in ep.tiers:
             wants |= {self._b.policy_chain_name(k, INGRESS) for k in tier.ingress}
@@ -475,14 +456,14 @@ class PolicyManager:
         self._set_wants(iface, frozenset(wants))
         try:
             chains = [(self._b.endpoint_chain_name(iface, d),
-                       self._b.endpoint_chain(ep, d, self.options, existing.__contains__, self._hidden.__contains__))
+                       self._b.endpoint_chain(ep, d, self.options, has, self._hidden.__contains__))
                       for d in (INGRESS, EGRESS)]
             for name, rules in chains:
                 self._b.set_chain(name, rules)
         except ValueError as e:
             self._error(obj, e)
             return
-        missing = sorted(wants - existing)
+        missing = sorted(w for w in wants if not has(w))
         if missing:
             log.info("endpoint %s: chains %s not there yet, left out", ep.endpoint, ", ".join(missing))
         self.errors.pop(obj, None)

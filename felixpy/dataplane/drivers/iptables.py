@@ -257,6 +257,10 @@ class IptablesTable:
     def chain_names(self) -> frozenset[str]:
         return frozenset(self._chains)
 
+    def has_chain(self, name: str) -> bool:
+        """Whether chain ``name`` is desired (cheaper than ``name in chain_names()``)."""
+        return name in self._chains
+
     def desired_rules(self, name: str) -> tuple[str, ...] | None:
         spec = self._chains.get(name)
         return None if spec is None else spec.texts
