@@ -239,13 +239,8 @@ class CalcGraph:
         """This agent wrote ``key`` (value None = deleted; revision = the write's, or last known for deletes)."""
         if value is None:
             self.overlay.record_delete(key, revision, now)
-        elif key in self._synced and self._synced_rev.get(key, -1) >= rev_int(revision) >= 0:
-            # The watch already delivered this write (or a newer one) before we got here: the synced copy
-            # is at least as fresh (with the Kubernetes datastore it also has the Pod's labels), and an
-            # overlay entry would shadow it until it expired, since no newer event is coming.
-            pass
         else:
-            self.overlay.record_put(key, value, revision, now)
+            self.overlay.record_put(key, value, revision, now, synced_revision=self._synced_rev.get(key, -1))
         self._dirty.add(key)
         if self.policy_enabled and key.kind == KIND_WEP:
             self._policy_dirty.add(key)

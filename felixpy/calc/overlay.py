@@ -35,8 +35,15 @@ class LocalOverlay:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def record_put(self, key: Key, value: Resource, revision: str, now: float) -> None:
-        self._entries[key] = _Entry(value, rev_int(revision), now + self._ttl)
+    def record_put(self, key: Key, value: Resource, revision: str, now: float, *, synced_revision: int = -1) -> None:
+        """``synced_revision``: revision of the copy the syncer already delivered (-1: none). If that is our
+        write or newer, the watch got there first and the synced copy (with the Kubernetes datastore also
+        richer: the Pod's labels) must win, so no entry is made (it would shadow it until the TTL)."""
+        rev = rev_int(revision)
+        if rev >= 0 and synced_revision >= rev:
+            self._entries.pop(key, None)
+            return
+        self._entries[key] = _Entry(value, rev, now + self._ttl)
 
     def record_delete(self, key: Key, last_revision: str, now: float) -> None:
         self._entries[key] = _Entry(None, rev_int(last_revision), now + self._ttl)
