@@ -1,4 +1,5 @@
-"""The ``felixpy`` command: ``agent``, ``install-cni``, ``lab up|down`` (CLI verbs grow with later issues)."""
+"""The ``felixpy`` command: ``agent``, ``install-cni``, ``lab``, ``bgp-sidecar``, ``route-reflector``, and the
+calicoctl-style verbs in :mod:`felixpy.ctl`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("bgp-sidecar", help="supervise the ExaBGP sidecar (runs the config the agent writes)")
     sc.add_argument("--dir", default=os.environ.get("FELIXPY_BGP_DIR", "/var/run/calico/bgp"))
     sub.add_parser("route-reflector", help="run a BIRD route reflector configured from the datastore")
+    from felixpy.ctl import register_all
+
+    register_all(sub)
     args = p.parse_args(argv)
+    if getattr(args, "func", None) is not None:
+        rc: int = args.func(args)
+        return rc
 
     if args.cmd == "agent":
         from felixpy import config

@@ -55,6 +55,21 @@ def _seconds(v: str, name: str) -> float:
         raise ConfigError(f"{name}: expected a duration, got {v!r}") from None
 
 
+def _check_failsafe(item: str, name: str) -> None:
+    """Felix's failsafe entry: ``proto:port`` or ``proto:cidr:port`` (proto tcp|udp|sctp)."""
+    parts = item.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in ("tcp", "udp", "sctp"):
+        raise ConfigError(f"{name}: expected proto:port or proto:cidr:port, got {item!r}")
+    _int(parts[-1], name, 0, 65535)
+    if len(parts) == 3:
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(parts[1], strict=False)
+        except ValueError:
+            raise ConfigError(f"{name}: bad CIDR in {item!r}") from None
+
+
 @dataclass
 class Config:
     nodename: str
@@ -93,6 +108,18 @@ class Config:
     # felixpy specific.
     # Network policy enforcement (Calico's default: on). FELIXPY_POLICY=disabled turns it off.
     policy_enabled: bool = True
+    # FELIX_DEFAULTENDPOINTTOHOSTACTION: what happens to pod -> host traffic after the pod's egress policy.
+    # Felix's built-in default is Drop, but Calico's manifests set Accept and that is what clusters run, so
+    # it is ours too (decision recorded in docs/policy.md).
+    default_endpoint_to_host_action: str = "Accept"
+    # FELIX_FAILSAFEINBOUNDHOSTPORTS / FELIX_FAILSAFEOUTBOUNDHOSTPORTS: host ports no host endpoint policy
+    # can close ("proto:port" or "proto:cidr:port", comma separated; "none" = empty). Felix's defaults.
+    failsafe_inbound: tuple[str, ...] = ("tcp:22", "udp:68", "tcp:179", "tcp:2379", "tcp:2380", "tcp:5473",
+                                         "tcp:6443", "tcp:6666", "tcp:6667")
+    failsafe_outbound: tuple[str, ...] = ("udp:53", "udp:67", "tcp:179", "tcp:2379", "tcp:2380", "tcp:5473",
+                                          "tcp:6443", "tcp:6666", "tcp:6667")
+    ipv6_support: bool = False  # FELIX_IPV6SUPPORT: accepted; IPv6 is not implemented (logged when true)
+    cluster_type: str = ""  # CLUSTER_TYPE: recorded on the Node (e.g. "k8s,bgp"), informational
     bgp_hold_time: int = 90  # FELIXPY_BGP_HOLD_TIME: hold time of every session (keepalive = hold / 3)
     bgp_dir: str = "/var/run/calico/bgp"  # FELIXPY_BGP_DIR: ExaBGP config + the relay's socket
     cni_socket: str = names.DEFAULT_CNI_SOCKET
@@ -189,5 +216,23 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         # BGP allows 0 (no keepalives) or at least 3 seconds.
         c.bgp_hold_time = _int(e["FELIXPY_BGP_HOLD_TIME"], "FELIXPY_BGP_HOLD_TIME", 3, 65535)
     c.cni_socket = e.get("FELIXPY_CNI_SOCKET", c.cni_socket)
+    if "defaultendpointtohostaction" in fx:
+        act = {"drop": "Drop", "accept": "Accept", "return": "Return"}.get(
+            fx["defaultendpointtohostaction"].strip().lower())
+        if act is None:
+            raise ConfigError("FELIX_DEFAULTENDPOINTTOHOSTACTION: expected Drop, Accept or Return, "
+                              f"got {fx['defaultendpointtohostaction']!r}")
+        c.default_endpoint_to_host_action = act
+    for key, attr in (("failsafeinboundhostports", "failsafe_inbound"),
+                      ("failsafeoutboundhostports", "failsafe_outbound")):
+        if key in fx:
+            raw = fx[key].strip()
+            items = () if raw.lower() == "none" else tuple(x.strip().lower() for x in raw.split(",") if x.strip())
+            for item in items:
+                _check_failsafe(item, f"FELIX_{key.upper()}")
+            setattr(c, attr, items)
+    if "ipv6support" in fx:
+        c.ipv6_support = _bool(fx["ipv6support"], "FELIX_IPV6SUPPORT")
+    c.cluster_type = e.get("CLUSTER_TYPE", "").strip()
     c.state_dir = e.get("FELIXPY_STATE_DIR", c.state_dir)
     return c

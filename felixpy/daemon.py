@@ -108,8 +108,11 @@ class Agent:
             # One driver per backend: policy shares the NAT's nft table, or the iptables dataplane (IP sets,
             # nat and filter tables, applied in that order), so each apply is one transaction per table.
             from felixpy.dataplane.policy_mgr import PolicyManager
+            from felixpy.dataplane.policy_render import RenderOptions
 
-            extra_mgrs.append(PolicyManager(self.nat_table))
+            opts = RenderOptions(endpoint_to_host_action=cfg.default_endpoint_to_host_action.upper(),
+                                 iface_prefix=cfg.interface_prefixes[0] if cfg.interface_prefixes else "cali")
+            extra_mgrs.append(PolicyManager(self.nat_table, options=opts))
         self.dataplane = Dataplane(
             [self.endpoint_mgr, self.block_mgr, self.tunnel_mgr, self.bgp_route_mgr, *extra_mgrs, self.masq_mgr],
             # Devices before routes (routes via vxlan.calico need the link); NAT last.
