@@ -62,6 +62,28 @@ def set_bgp_status(peers: list[dict[str, object]], *, learned: int, installed: i
     bgp_routes_installed.set(installed)
 
 
+# Policy drops, read from the kernel's per-rule counters by the policy manager (felixpy extension:
+# Felix has no per-policy drop counter). Labels: the tier and policy (or "profile"/"default-deny"), the
+# direction, and the endpoint's "<namespace>/<pod>" when the drop is the endpoint's own default deny.
+policy_dropped_packets = Gauge("felixpy_policy_dropped_packets", "Packets dropped by a policy (kernel counter).",
+                               ["tier", "policy", "direction"], registry=REGISTRY)
+policy_dropped_bytes = Gauge("felixpy_policy_dropped_bytes", "Bytes dropped by a policy (kernel counter).",
+                             ["tier", "policy", "direction"], registry=REGISTRY)
+_policy_drop_seen: set[tuple[str, str, str]] = set()
+
+
+def set_policy_drops(rows: dict[tuple[str, str, str], tuple[int, int]]) -> None:
+    """Replace the drop counters: ``{(tier, policy, direction): (packets, bytes)}`` (absent rows are removed)."""
+    global _policy_drop_seen
+    for labels, (pkts, nbytes) in rows.items():
+        policy_dropped_packets.labels(*labels).set(pkts)
+        policy_dropped_bytes.labels(*labels).set(nbytes)
+    for labels in _policy_drop_seen - rows.keys():
+        policy_dropped_packets.remove(*labels)
+        policy_dropped_bytes.remove(*labels)
+    _policy_drop_seen = set(rows)
+
+
 def render() -> bytes:
     return generate_latest(REGISTRY)
 
