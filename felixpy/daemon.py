@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -51,12 +52,60 @@ from felixpy.datastore.api import (
 from felixpy.datastore.factory import make_backend
 from felixpy.datastore.syncer import DedupeBuffer, Syncer, SyncStatus, WatchSpec
 from felixpy.ipam import IPAMClient
+from felixpy.model.policy import (
+    ActivePolicyRemove,
+    ActivePolicyUpdate,
+    ActiveProfileRemove,
+    ActiveProfileUpdate,
+    EndpointPolicyRemove,
+    EndpointPolicyUpdate,
+    IPSetDeltaUpdate,
+    IPSetRemove,
+    IPSetUpdate,
+)
 from felixpy.startup import run_startup
 
 log = logging.getLogger(__name__)
 
 VXLAN_OVERHEAD = 50
 IPIP_OVERHEAD = 20
+# After SIGTERM: each shutdown step gets this long, and the process exits at SHUTDOWN_DEADLINE whatever is
+# still pending (an unreachable datastore must not keep a stopping agent alive; nothing is flushed anyway).
+SHUTDOWN_STEP = 1.0
+SHUTDOWN_DEADLINE = 4.0
+# Updates that change what policy or endpoint programming is in force (felixpy_time_to_policy_seconds).
+_TTP_KINDS = frozenset({KIND_WEP, KIND_PROFILE, KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY,
+                        KIND_K8S_NETWORK_POLICY, KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET, KIND_TIER})
+_POLICY_KINDS = (KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY, KIND_K8S_NETWORK_POLICY)
+
+
+_POLICY_MSGS = (ActivePolicyUpdate, ActivePolicyRemove, ActiveProfileUpdate, ActiveProfileRemove, EndpointPolicyUpdate,
+                EndpointPolicyRemove, IPSetUpdate, IPSetDeltaUpdate, IPSetRemove)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A felixpy-only duration from the environment (bad values fall back to the default, loudly)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        v = float(raw)
+        if v < 0:
+            raise ValueError("negative")
+        return v
+    except ValueError:
+        log.error("%s=%r is not a number of seconds; using %g", name, raw, default)
+        return default
+
+
+def _snapshot(d: dict[Any, Any]) -> dict[str, Any]:
+    """Copy a dict the dataplane thread may be changing (a concurrent resize makes the copy fail: retry)."""
+    for _ in range(5):
+        try:
+            return {str(k): v for k, v in list(d.items())}
+        except RuntimeError:
+            continue
+    return {}
 
 
 def configure_kernel() -> None:
@@ -76,6 +125,23 @@ class Agent:
         self.health.register("Datastore")
         self.health.register("InternalDataplaneMainLoop", timeout=90.0)
         self.health.register("Tunnels")
+        self.started = time.monotonic()
+        # FELIXPY_BGP_READY_GRACE: how long after start BGP sessions may all be down without failing readiness.
+        self.bgp_ready_grace = _env_seconds("FELIXPY_BGP_READY_GRACE", health.DEFAULT_BGP_READY_GRACE)
+        if cfg.networking_backend == "bird":
+            self.health.register("BGP")
+        self.cluster = health.ClusterView(cfg.nodename)
+        # What the calculation layer has sent to the policy dataplane (for /status and Felix's gauges).
+        self._active_policies: set[Any] = set()
+        self._active_profiles: set[str] = set()
+        self._policy_endpoints: set[str] = set()
+        self._ipsets: set[str] = set()
+        self._ttp_pending: list[float] = []
+        self._ttp_wake = asyncio.Event()
+        self._ds_errors_seen = 0
+        self._ds_error_at: float | None = None
+        self._last_apply_at: float | None = None
+        self._applies_seen = 0
         self.calc = CalcGraph(cfg.nodename, router_id_setting=cfg.router_id,
                               bgp_enabled=cfg.networking_backend == "bird", bgp_hold_time=cfg.bgp_hold_time,
                               policy_enabled=cfg.policy_enabled)
@@ -104,6 +170,7 @@ class Agent:
         self.bgp_route_mgr = BgpRouteManager(self._nl, self.route_table)
         self.nat_table, self.masq_mgr = _nat_backend(cfg)
         extra_mgrs: list[Any] = []
+        self.policy_mgr: Any = None
         if cfg.policy_enabled:
             # One driver per backend: policy shares the NAT's nft table, or the iptables dataplane (IP sets,
             # nat and filter tables, applied in that order), so each apply is one transaction per table.
@@ -112,7 +179,8 @@ class Agent:
 
             opts = RenderOptions(endpoint_to_host_action=cfg.default_endpoint_to_host_action.upper(),
                                  iface_prefix=cfg.interface_prefixes[0] if cfg.interface_prefixes else "cali")
-            extra_mgrs.append(PolicyManager(self.nat_table, options=opts))
+            self.policy_mgr = PolicyManager(self.nat_table, options=opts)
+            extra_mgrs.append(self.policy_mgr)
         self.dataplane = Dataplane(
             [self.endpoint_mgr, self.block_mgr, self.tunnel_mgr, self.bgp_route_mgr, *extra_mgrs, self.masq_mgr],
             # Devices before routes (routes via vxlan.calico need the link); NAT last.
@@ -166,8 +234,9 @@ class Agent:
             log.warning("cannot write %s: %s", path, e)
         log.info("pod MTU %d (host %d, VXLAN %d, IPIP %d)", mtu, self.host_mtu, self.vxlan_mtu, self.ipip_mtu)
 
-    def _route_messages(self, msgs: list[Message]) -> None:
-        """Control-plane messages to the BGP glue, the rest to the dataplane; note tunnel/pool changes."""
+    def _route_messages(self, msgs: list[Message]) -> int:
+        """Control-plane messages to the BGP glue, the rest to the dataplane; note tunnel/pool changes.
+        Returns how many messages went to the dataplane."""
         dp: list[Message] = []
         pools_changed = False
         for m in msgs:
@@ -176,7 +245,9 @@ class Agent:
                     self.bgp.on_message(m)
                 continue
             dp.append(m)
-            if isinstance(m, HostTunnelUpdate):
+            if isinstance(m, _POLICY_MSGS):
+                self._note_policy_message(m)
+            elif isinstance(m, HostTunnelUpdate):
                 self._host = m
                 self._update_pod_mtu()
                 self._tunnel_report()
@@ -191,6 +262,25 @@ class Agent:
                 self.bgp.pools_changed()
         if dp:
             self.dataplane.submit(dp)
+        return len(dp)
+
+    def _note_policy_message(self, m: Any) -> None:
+        if isinstance(m, ActivePolicyUpdate):
+            self._active_policies.add(m.policy.key)
+        elif isinstance(m, ActivePolicyRemove):
+            self._active_policies.discard(m.key)
+        elif isinstance(m, ActiveProfileUpdate):
+            self._active_profiles.add(m.profile.name)
+        elif isinstance(m, ActiveProfileRemove):
+            self._active_profiles.discard(m.name)
+        elif isinstance(m, EndpointPolicyUpdate):
+            self._policy_endpoints.add(m.endpoint)
+        elif isinstance(m, EndpointPolicyRemove):
+            self._policy_endpoints.discard(m.endpoint)
+        elif isinstance(m, IPSetUpdate | IPSetDeltaUpdate):
+            self._ipsets.add(m.set_id)
+        elif isinstance(m, IPSetRemove):
+            self._ipsets.discard(m.set_id)
 
     def _tunnel_report(self) -> None:
         host = self._host
@@ -241,7 +331,10 @@ class Agent:
     async def _calc_loop(self) -> None:
         while True:
             updates, status = await self.buffer.get_batch()
+            t_in = time.monotonic()
             t0 = time.perf_counter()
+            for u in updates:
+                self.cluster.on_update(u.key.kind, u.key, u.value)
             self.calc.on_updates(updates)
             if status is not None:
                 metrics.resync_state.set({SyncStatus.WAIT_FOR_DATASTORE: 1, SyncStatus.RESYNC: 2,
@@ -250,13 +343,106 @@ class Agent:
                 if status == SyncStatus.IN_SYNC:
                     self.calc.on_in_sync()
             before = self.calc.invalid_resources
-            self._route_messages(self.calc.flush())
+            if self._route_messages(self.calc.flush()) and any(u.key.kind in _TTP_KINDS for u in updates):
+                self._ttp_pending.append(t_in)
+                self._ttp_wake.set()
             metrics.invalid_resources.inc(self.calc.invalid_resources - before)
             metrics.calc_updates.inc(len(updates))
             metrics.calc_update_time.observe(time.perf_counter() - t0)
 
+    async def _time_to_policy(self) -> None:
+        """felixpy_time_to_policy_seconds: a policy/endpoint batch is effective at the end of the first
+        successful apply that started after it was submitted (a failed apply is retried by the loop)."""
+        while True:
+            await self._ttp_wake.wait()
+            self._ttp_wake.clear()
+            pending, self._ttp_pending = self._ttp_pending, []
+            await self.dataplane.barrier()
+            while self.dataplane.last_error:
+                await self.dataplane.barrier()
+            now = time.monotonic()
+            for t in pending:
+                metrics.time_to_policy.observe(now - t)
+
+    def _bgp_report(self) -> tuple[bool, str]:
+        peers = self.bgp.status()["peers"] if self.bgp is not None else []
+        return health.bgp_readiness(peers, uptime=time.monotonic() - self.started, grace=self.bgp_ready_grace)
+
+    def _update_gauges(self) -> None:
+        now = time.monotonic()
+        if self.dataplane.applies_ok != self._applies_seen:
+            self._applies_seen, self._last_apply_at = self.dataplane.applies_ok, now
+        if self.syncer is not None and self.syncer.errors != self._ds_errors_seen:
+            metrics.datastore_errors.inc(max(0, self.syncer.errors - self._ds_errors_seen))
+            self._ds_errors_seen, self._ds_error_at = self.syncer.errors, now
+        c = self.cluster
+        metrics.cluster_num_hosts.set(c.count(KIND_NODE))
+        metrics.cluster_num_weps.set(c.count(KIND_WEP))
+        metrics.cluster_num_policies.set(c.count(*_POLICY_KINDS))
+        metrics.cluster_num_profiles.set(c.count(KIND_PROFILE))
+        metrics.active_local_policies.set(len(self._active_policies))
+        metrics.active_local_profiles.set(len(self._active_profiles))
+        metrics.ipsets_total.set(len(self._ipsets))
+        pools = self._pool_usage()
+        local = c.local_blocks()
+        metrics.set_ipam_usage({p["cidr"]: (p["total"], p["in_blocks"], p["allocated"], p["blocks"]) for p in pools},
+                               (sum(b.size for b in local), sum(b.allocated for b in local)))
+
+    def _pool_usage(self) -> list[dict[str, Any]]:
+        return self.cluster.pool_usage((p.name, p.cidr) for p in self.calc.routes.pools.values())
+
+    def status_report(self) -> dict[str, Any]:
+        """The agent's view for ``GET /status`` (read by ``felixpy status`` / ``felixpy node status``)."""
+        now = time.monotonic()
+        dp, syncer, cfg = self.dataplane, self.syncer, self.cfg
+        bgp: dict[str, Any] | None = None
+        if self.bgp is not None:
+            ready, detail = self._bgp_report()
+            bgp = {**self.bgp.status(), "ready": ready, "detail": detail, "grace": self.bgp_ready_grace}
+        elif cfg.networking_backend == "bird":
+            bgp = {"peers": [], "connected": False, "ready": True, "detail": "not started yet",
+                   "grace": self.bgp_ready_grace}
+        pm = self.policy_mgr
+        return {
+            "node": cfg.nodename, "time": time.time(), "uptime": now - self.started,
+            "live": self.health.live(), "ready": self.health.ready(), "reporters": self.health.reporters(),
+            "datastore": {
+                "type": cfg.datastore_type, "connected": self.backend is not None,
+                "state": syncer.status.value if syncer is not None else "wait-for-datastore",
+                "errors": syncer.errors if syncer is not None else 0,
+                "relists": syncer.relists if syncer is not None else 0,
+                "last_error_age": None if self._ds_error_at is None else now - self._ds_error_at,
+            },
+            "dataplane": {
+                "in_sync": dp.in_sync, "applies_ok": dp.applies_ok,
+                "failures": int(metrics.sample("felix_int_dataplane_failures") or 0),
+                "last_error": dp.last_error,
+                "last_apply_age": None if self._last_apply_at is None else now - self._last_apply_at,
+                "routes": self.route_table.num_owned_routes(),
+                "local_endpoints": len(self.calc.local_endpoints()),
+                "endpoint_errors": _snapshot(self.endpoint_mgr.errors),
+                "tunnel_problem": self.tunnel_mgr.problem,
+            },
+            "networking_backend": cfg.networking_backend,
+            "bgp": bgp,
+            "ipam": {
+                "local_blocks": [{"cidr": str(b.cidr), "total": b.size, "allocated": b.allocated}
+                                 for b in self.cluster.local_blocks()],
+                "pools": self._pool_usage(),
+            },
+            "policy": {
+                "enabled": cfg.policy_enabled, "backend": cfg.nat_backend,
+                "policies": len(self._active_policies), "profiles": len(self._active_profiles),
+                "endpoints": len(self._policy_endpoints), "ipsets": len(self._ipsets),
+                "errors": _snapshot(pm.errors) if pm is not None else {},
+                "invalid_resources": self.calc.invalid_resources,
+                "cluster_policies": self.cluster.count(*_POLICY_KINDS),
+            },
+            "cluster": {"hosts": self.cluster.count(KIND_NODE), "workload_endpoints": self.cluster.count(KIND_WEP)},
+        }
+
     async def _housekeeping(self) -> None:
-        """Overlay expiry and the dataplane liveness/readiness report."""
+        """Overlay expiry, the dataplane and BGP liveness/readiness reports, the gauges."""
         while True:
             self.calc.expire(time.monotonic())
             msgs = self.calc.flush()
@@ -266,7 +452,11 @@ class Agent:
             ready = self.dataplane.in_sync and self.dataplane.applies_ok > 0 and not self.dataplane.last_error
             detail = self.dataplane.last_error or ("" if ready else "waiting for first apply after sync")
             self.health.report("InternalDataplaneMainLoop", live=True, ready=ready, detail=detail)
+            if self.cfg.networking_backend == "bird":
+                bgp_ready, bgp_detail = self._bgp_report()
+                self.health.report("BGP", ready=bgp_ready, detail=bgp_detail)
             metrics.route_table_routes.set(self.route_table.num_owned_routes())
+            self._update_gauges()
             await asyncio.sleep(1.0)
 
     async def _kernel_monitor(self) -> None:
@@ -315,13 +505,25 @@ class Agent:
     async def run(self) -> None:
         servers: list[asyncio.Server] = []
         if self.cfg.health_enabled:
-            servers.append(await health.serve(self.health, self.cfg.health_host, self.cfg.health_port))
+            servers.append(await health.serve(self.health, self.cfg.health_host, self.cfg.health_port,
+                                              status=self.status_report))
         if self.cfg.prometheus_enabled and self.cfg.prometheus_port != self.cfg.health_port:
             servers.append(await health.serve(self.health, self.cfg.prometheus_host,
-                                              self.cfg.prometheus_port))
+                                              self.cfg.prometheus_port, status=self.status_report))
         configure_kernel()
         self.health.report("FelixStartup", ready=False, detail="connecting to datastore")
-        self.backend = await self._connect()
+        # SIGTERM while the datastore is unreachable must stop the agent too, not wait for the connection.
+        connect = asyncio.create_task(self._connect(), name="connect")
+        stop = asyncio.create_task(self.stopping.wait(), name="stop-wait")
+        await asyncio.wait({connect, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not connect.done():
+            connect.cancel()
+            log.info("agent stopping (datastore never connected)")
+            for s in servers:
+                s.close()
+            return
+        self.backend = connect.result()
         self.health.report("FelixStartup", ready=True, detail="")
         ipam = self.ipam = IPAMClient(self.backend, node=self.cfg.nodename)
         if self.cfg.networking_backend == "bird":
@@ -360,6 +562,7 @@ class Agent:
                 tg.create_task(self._kernel_monitor(), name="kernel-monitor")
                 tg.create_task(self._housekeeping(), name="housekeeping")
                 tg.create_task(self._tunnel_addrs(), name="tunnel-addrs")
+                tg.create_task(self._time_to_policy(), name="time-to-policy")
                 if self.bgp is not None:
                     tg.create_task(self.bgp.run(), name="bgp")
                 await self.stopping.wait()
@@ -367,13 +570,21 @@ class Agent:
         except* _Stop:
             log.info("agent stopping")
         finally:
+            # Bounded: an apply in flight may finish (it is never interrupted half way by us), but neither it
+            # nor a dead datastore may hold the exit up; the kernel state stays as it is (no flush).
             for s in servers:
                 s.close()
             with contextlib.suppress(FileNotFoundError, OSError):
                 os.unlink(self.cfg.cni_socket)
-            self.dataplane.close()
-            await self.backend.close()
-            self._nl.close()
+            closer = threading.Thread(target=self.dataplane.close, name="dataplane-close", daemon=True)
+            closer.start()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.backend.close(), SHUTDOWN_STEP)
+            deadline = time.monotonic() + SHUTDOWN_STEP
+            while closer.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if not closer.is_alive():
+                self._nl.close()  # else the apply still uses it; the process exit closes it
 
 
 class _Stop(Exception):
@@ -394,9 +605,28 @@ def run_agent(cfg: Config) -> int:
     async def main() -> None:
         agent = Agent(cfg)
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if not agent.stopping.is_set():
+                agent.stopping.set()
+                _exit_after(SHUTDOWN_DEADLINE)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.stopping.set)
+            loop.add_signal_handler(sig, on_signal)
         await agent.run()
 
     asyncio.run(main())
     return 0
+
+
+def _exit_after(seconds: float) -> None:
+    """The hard bound on shutdown: whatever still runs after ``seconds`` (a datastore call that never returns,
+    a thread stuck in the kernel, interpreter exit joining the dataplane thread) does not keep us alive."""
+    def fire() -> None:
+        log.warning("shutdown did not finish within %gs; exiting now (dataplane left as it is)", seconds)
+        logging.shutdown()
+        os._exit(0)
+
+    t = threading.Timer(seconds, fire)
+    t.daemon = True
+    t.start()
