@@ -14,6 +14,7 @@ compiled shim.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ DEFAULT_TEMPLATE = """{
     {"type": "portmap", "snat": true, "capabilities": {"portMappings": true}}
   ]
 }"""
+
+log = logging.getLogger(__name__)
 
 PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 
@@ -94,6 +97,18 @@ def render_conflist(template: str, env: Mapping[str, str], kubeconfig_path: str)
     return json.dumps(doc, indent=2) + "\n"
 
 
+def plugin_types(conflist: str) -> list[str]:
+    """The executables a rendered conflist (or single plugin config) makes the runtime call."""
+    doc = json.loads(conflist)
+    plugins = doc.get("plugins") if "plugins" in doc else [doc]
+    out: list[str] = []
+    for p in plugins or []:
+        for t in (p.get("type"), (p.get("ipam") or {}).get("type")):
+            if isinstance(t, str) and t and t not in out:
+                out.append(t)
+    return out
+
+
 def run_install(env: Mapping[str, str], *, host_root: Path = Path("/host"), bin_dir: Path | None = None,
                 net_dir: Path | None = None, kubeconfig: str = "") -> dict[str, str]:
     """Install into ``host_root`` (the host filesystem mounted in the init container)."""
@@ -109,7 +124,15 @@ def run_install(env: Mapping[str, str], *, host_root: Path = Path("/host"), bin_
     conf = render_conflist(env.get("CNI_NETWORK_CONFIG", DEFAULT_TEMPLATE), env, kubeconfig_host_path)
     conf_path = ndir / env.get("CNI_CONF_NAME", "10-calico.conflist")
     _atomic_write(conf_path, conf.encode(), 0o644)
-    return {"binaries": ",".join(str(p) for p in installed), "conflist": str(conf_path), "python": python}
+    # Chained plugins (portmap, bandwidth...) are the host's (kubeadm's kubernetes-cni package and most
+    # distributions ship them). Not fatal: they may be installed after us, but say so now rather than
+    # let every pod fail later with "failed to find plugin".
+    missing = [t for t in plugin_types(conf) if not (bdir / t).exists()]
+    if missing:
+        log.warning("the CNI config names plugins not installed in %s: %s (pods will fail until they are)",
+                    bdir, ", ".join(missing))
+    return {"binaries": ",".join(str(p) for p in installed), "conflist": str(conf_path), "python": python,
+            "missing_plugins": ",".join(missing)}
 
 
 def copy_plugin(dst: Path) -> None:

@@ -6,6 +6,7 @@ built-in default. FelixConfiguration resources from the datastore are layered on
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -55,6 +56,17 @@ def _seconds(v: str, name: str) -> float:
         raise ConfigError(f"{name}: expected a duration, got {v!r}") from None
 
 
+# FELIX_* parameters this agent reads (lower-case, prefix stripped). Any other FELIX_* variable is a Felix
+# parameter we do not implement (e.g. FELIX_WIREGUARDMTU from Calico's manifest): accepted, kept in
+# ``Config.extra`` so the agent can say it ignores it, never an error.
+KNOWN_FELIX_PARAMS = frozenset({
+    "felixhostname", "datastoretype", "healthenabled", "healthhost", "healthport", "prometheusmetricsenabled",
+    "prometheusmetricshost", "prometheusmetricsport", "routerefreshinterval", "interfaceprefix",
+    "logseverityscreen", "vxlanmtu", "ipinipmtu", "mtuifacepattern", "nftablesmode",
+    "defaultendpointtohostaction", "failsafeinboundhostports", "failsafeoutboundhostports", "ipv6support",
+})
+
+
 def _check_failsafe(item: str, name: str) -> None:
     """Felix's failsafe entry: ``proto:port`` or ``proto:cidr:port`` (proto tcp|udp|sctp)."""
     parts = item.split(":")
@@ -83,6 +95,7 @@ class Config:
     ipv4pool_vxlan: str = "Never"
     ipv4pool_nat_outgoing: bool = True
     ipv4pool_node_selector: str = "all()"
+    ipv4pool_disable_bgp_export: bool = False
     no_default_pools: bool = False
     # Felix parameters.
     health_enabled: bool = True
@@ -142,8 +155,16 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     c.kubeconfig = e.get("KUBECONFIG", "")
     if e.get("ETCD_ENDPOINTS"):
         c.etcd_endpoints = tuple(x.strip() for x in e["ETCD_ENDPOINTS"].split(",") if x.strip())
-    if "CALICO_IPV4POOL_CIDR" in e:
-        c.ipv4pool_cidr = e["CALICO_IPV4POOL_CIDR"]
+    if e.get("CALICO_IPV4POOL_CIDR", "").strip():
+        c.ipv4pool_cidr = e["CALICO_IPV4POOL_CIDR"].strip()
+        if c.ipv4pool_cidr.lower() != "none":
+            try:
+                net = ipaddress.ip_network(c.ipv4pool_cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"CALICO_IPV4POOL_CIDR: expected an IPv4 CIDR or none, got {c.ipv4pool_cidr!r}") \
+                    from None
+            if net.version != 4:
+                raise ConfigError(f"CALICO_IPV4POOL_CIDR: {c.ipv4pool_cidr!r} is not an IPv4 CIDR")
     if "CALICO_IPV4POOL_BLOCK_SIZE" in e:
         c.ipv4pool_block_size = _int(e["CALICO_IPV4POOL_BLOCK_SIZE"], "CALICO_IPV4POOL_BLOCK_SIZE", 20, 32)
     for var, attr in (("CALICO_IPV4POOL_IPIP", "ipv4pool_ipip"), ("CALICO_IPV4POOL_VXLAN", "ipv4pool_vxlan")):
@@ -157,6 +178,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         c.ipv4pool_nat_outgoing = _bool(e["CALICO_IPV4POOL_NAT_OUTGOING"], "CALICO_IPV4POOL_NAT_OUTGOING")
     if "CALICO_IPV4POOL_NODE_SELECTOR" in e:
         c.ipv4pool_node_selector = e["CALICO_IPV4POOL_NODE_SELECTOR"]
+    if "CALICO_IPV4POOL_DISABLE_BGP_EXPORT" in e:
+        c.ipv4pool_disable_bgp_export = _bool(e["CALICO_IPV4POOL_DISABLE_BGP_EXPORT"],
+                                              "CALICO_IPV4POOL_DISABLE_BGP_EXPORT")
     if "NO_DEFAULT_POOLS" in e:
         c.no_default_pools = _bool(e["NO_DEFAULT_POOLS"], "NO_DEFAULT_POOLS")
     if "healthenabled" in fx:
@@ -177,9 +201,24 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         # An explicit pod MTU; otherwise it is derived from the host MTU and the tunnel MTUs.
         c.veth_mtu = _int(e["FELIXPY_VETH_MTU"], "FELIXPY_VETH_MTU", 68, 65535)
     c.log_severity = fx.get("logseverityscreen", c.log_severity).upper()
-    if e.get("IP"):
+    if e.get("IP", "").strip():
         c.ip = e["IP"].strip()
+        if c.ip.lower() in ("autodetect", "none"):
+            c.ip = c.ip.lower()
+        else:
+            try:
+                ipaddress.IPv4Interface(c.ip)
+            except ValueError:
+                raise ConfigError(f"IP: expected autodetect, none or an IPv4 address[/prefix], got {c.ip!r}") \
+                    from None
     c.ip_autodetection_method = e.get("IP_AUTODETECTION_METHOD", "").strip() or c.ip_autodetection_method
+    from felixpy.autodetect import AutodetectError, parse_method
+
+    try:
+        # calico-node exits on an invalid method; fail at load rather than retry forever.
+        parse_method(c.ip_autodetection_method)
+    except AutodetectError as err:
+        raise ConfigError(f"IP_AUTODETECTION_METHOD: {err}") from None
     backend = e.get("CALICO_NETWORKING_BACKEND", "").strip().lower()
     if e.get("CALICO_NETWORKING", "").strip().lower() == "false":
         backend = "none"
@@ -234,5 +273,6 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     if "ipv6support" in fx:
         c.ipv6_support = _bool(fx["ipv6support"], "FELIX_IPV6SUPPORT")
     c.cluster_type = e.get("CLUSTER_TYPE", "").strip()
+    c.extra = {f"FELIX_{k.upper()}": v for k, v in fx.items() if k not in KNOWN_FELIX_PARAMS}
     c.state_dir = e.get("FELIXPY_STATE_DIR", c.state_dir)
     return c

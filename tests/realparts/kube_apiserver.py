@@ -28,7 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -63,9 +63,15 @@ class ApiError(Exception):
 
 
 class KubeApiServer:
-    def __init__(self, etcd: EtcdServer, *, start_timeout: float = 90.0) -> None:
+    def __init__(self, etcd: EtcdServer, *, start_timeout: float = 90.0, audit: bool = False,
+                 extra_args: Sequence[str] = ()) -> None:
+        """``audit``: log every request's metadata (user, verb, resource, response code) as JSON lines
+        to :attr:`audit_log_path` (see :meth:`audit_events`). ``extra_args`` are appended to the command
+        line (a repeated flag overrides the default, as the last occurrence wins)."""
         self._etcd = etcd
         self._start_timeout = start_timeout
+        self._audit = audit
+        self._extra_args = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
         self.port = 0
@@ -95,6 +101,23 @@ class KubeApiServer:
     @property
     def log_path(self) -> str:
         return os.path.join(self.dir, "kube-apiserver.log")
+
+    @property
+    def audit_log_path(self) -> str:
+        return os.path.join(self.dir, "audit.log")
+
+    def audit_events(self, stages: Iterable[str] = ("ResponseComplete",)) -> list[dict[str, Any]]:
+        """The requests logged so far at ``stages`` (needs ``audit=True``), oldest first. A watch still
+        open has only a ``ResponseStarted`` event."""
+        wanted = set(stages)
+        out: list[dict[str, Any]] = []
+        with open(self.audit_log_path) as f:
+            for line in f:
+                if line.strip():
+                    ev = json.loads(line)
+                    if ev.get("stage") in wanted:
+                        out.append(ev)
+        return out
 
     @property
     def ca_file(self) -> str:
@@ -162,6 +185,14 @@ class KubeApiServer:
             "--endpoint-reconciler-type=none",
             "--v=1",
         ]
+        if self._audit:
+            policy = os.path.join(self._dir, "audit-policy.yaml")
+            with open(policy, "w") as f:
+                yaml.safe_dump({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+                                "omitStages": ["RequestReceived"], "rules": [{"level": "Metadata"}]}, f)
+            args += [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log_path}",
+                     "--audit-log-mode=blocking"]
+        args += self._extra_args
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -280,7 +311,9 @@ class KubeApiServer:
             "Namespace": "namespaces", "ServiceAccount": "serviceaccounts", "Pod": "pods", "Node": "nodes",
             "CustomResourceDefinition": "customresourcedefinitions", "ClusterRole": "clusterroles",
             "ClusterRoleBinding": "clusterrolebindings", "Role": "roles", "RoleBinding": "rolebindings",
-            "NetworkPolicy": "networkpolicies",
+            "NetworkPolicy": "networkpolicies", "ConfigMap": "configmaps", "Secret": "secrets",
+            "Service": "services", "DaemonSet": "daemonsets", "Deployment": "deployments",
+            "PriorityClass": "priorityclasses",
         }
         if kind not in plurals:
             raise ValueError(f"apply(): unsupported kind {kind}")
