@@ -70,5 +70,6 @@ async def run_startup(backend: Backend, cfg: Config) -> None:
         await ensure_default_pool(backend, cidr=cfg.ipv4pool_cidr, block_size=cfg.ipv4pool_block_size,
                                   ipip_mode=cfg.ipv4pool_ipip, vxlan_mode=cfg.ipv4pool_vxlan,
                                   nat_outgoing=cfg.ipv4pool_nat_outgoing,
-                                  node_selector=cfg.ipv4pool_node_selector)
+                                  node_selector=cfg.ipv4pool_node_selector,
+                                  disable_bgp_export=cfg.ipv4pool_disable_bgp_export)
     write_nodename_file(cfg)
