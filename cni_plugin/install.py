@@ -76,6 +76,28 @@ def install_binaries(bin_dir: Path, python: str, names: tuple[str, ...] = ("cali
     return out
 
 
+# Where the image keeps the reference plugins it ships (portmap, bandwidth, loopback...), as Calico's
+# install-cni image does; copied next to ours so Calico's default conflist works on a bare host.
+BUNDLED_CNI_DIR = "/opt/felixpy/cni-bin"
+
+
+def install_bundled_plugins(bin_dir: Path, src_dir: Path, *, update: bool = True) -> list[Path]:
+    """Copy every executable in ``src_dir`` into ``bin_dir``; an existing one is replaced only when
+    ``update`` (Calico's ``UPDATE_CNI_BINARIES``, default true). A missing ``src_dir`` installs nothing."""
+    if not src_dir.is_dir():
+        return []
+    out = []
+    for src in sorted(src_dir.iterdir()):
+        if not src.is_file() or not os.access(src, os.X_OK):
+            continue
+        dst = bin_dir / src.name
+        if dst.exists() and not update:
+            continue
+        _atomic_write(dst, src.read_bytes(), 0o755)
+        out.append(dst)
+    return out
+
+
 def render_conflist(template: str, env: Mapping[str, str], kubeconfig_path: str) -> str:
     subs = {
         "__KUBERNETES_NODE_NAME__": env.get("KUBERNETES_NODE_NAME", ""),
@@ -116,6 +138,8 @@ def run_install(env: Mapping[str, str], *, host_root: Path = Path("/host"), bin_
     ndir = net_dir or host_root / env.get("CNI_NET_DIR", "/etc/cni/net.d").lstrip("/")
     python = env.get("FELIXPY_HOST_PYTHON") or find_host_python(host_root)
     installed = install_binaries(bdir, python)
+    installed += install_bundled_plugins(bdir, Path(env.get("FELIXPY_BUNDLED_CNI_DIR", BUNDLED_CNI_DIR)),
+                                         update=env.get("UPDATE_CNI_BINARIES", "true").lower() != "false")
     kubeconfig_host_path = ""
     if kubeconfig:
         kc = ndir / "calico-kubeconfig"

@@ -93,6 +93,31 @@ def test_install_reports_missing_chained_plugins(tmp_path: Path) -> None:
     assert "portmap" in p.stderr
 
 
+def test_bundled_plugins_are_installed_and_update_can_be_turned_off(tmp_path: Path) -> None:
+    """The image ships portmap & co. in a bundled dir; install-cni copies them like Calico's image does."""
+    root = tmp_path / "host"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/python3").symlink_to("/usr/bin/python3")
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / "portmap").write_bytes(Path("/usr/lib/cni/portmap").read_bytes())
+    (bundled / "portmap").chmod(0o755)
+    (bundled / "README").write_text("not an executable: skipped")
+    p = _install(root, {"FELIXPY_BUNDLED_CNI_DIR": str(bundled)})
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["missing_plugins"] == "", res
+    assert (root / "opt/cni/bin/portmap").read_bytes() == (bundled / "portmap").read_bytes()
+    assert not (root / "opt/cni/bin/README").exists()
+    # UPDATE_CNI_BINARIES=false keeps what the host already has.
+    (root / "opt/cni/bin/portmap").write_bytes(b"#!/bin/sh\n# the host's own\n")
+    p = _install(root, {"FELIXPY_BUNDLED_CNI_DIR": str(bundled), "UPDATE_CNI_BINARIES": "false"})
+    assert p.returncode == 0, p.stderr
+    assert b"the host's own" in (root / "opt/cni/bin/portmap").read_bytes()
+    p = _install(root, {"FELIXPY_BUNDLED_CNI_DIR": str(bundled)})
+    assert (root / "opt/cni/bin/portmap").read_bytes() == (bundled / "portmap").read_bytes()
+
+
 def test_bad_template_is_refused_and_keeps_the_installed_config(tmp_path: Path) -> None:
     root = _host_root(tmp_path)
     assert _install(root).returncode == 0
