@@ -178,7 +178,10 @@ class Agent:
             from felixpy.dataplane.policy_render import RenderOptions
 
             opts = RenderOptions(endpoint_to_host_action=cfg.default_endpoint_to_host_action.upper(),
-                                 iface_prefix=cfg.interface_prefixes[0] if cfg.interface_prefixes else "cali")
+                                 iface_prefix=cfg.interface_prefixes[0] if cfg.interface_prefixes else "cali",
+                                 # FELIXPY_LOG_DROPS: log every policy drop (rate-limited) naming pod and policy.
+                                 log_drops=os.environ.get("FELIXPY_LOG_DROPS", "").lower() in ("1", "true",
+                                                                                              "enabled"))
             self.policy_mgr = PolicyManager(self.nat_table, options=opts)
             extra_mgrs.append(self.policy_mgr)
         self.dataplane = Dataplane(

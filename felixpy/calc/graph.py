@@ -189,7 +189,9 @@ class CalcGraph:
                 dict(wep.labels), [self._profiles[p] for p in wep.profiles if p in self._profiles])
             self.policy.set_endpoint(ep_id, local=not wep.node or wep.node == self.node, iface=wep.iface,
                                      labels=labels, profiles=wep.profiles,
-                                     addrs=[*wep.ipv4_nets, *wep.ipv6_nets])
+                                     addrs=[*wep.ipv4_nets, *wep.ipv6_nets],
+                                     ports=policy_parse.endpoint_ports(res) if res is not None else (),
+                                     name=f"{wep.namespace}/{wep.pod}" if wep.pod else ep_id)
         self._policy_dirty.clear()
 
     def _bgp_input(self, u: Update) -> None:

@@ -9,6 +9,11 @@ policy resolver in one incremental calculator):
 - **IP sets**: one per distinct effective ``selector`` / ``not_selector`` in the rules of the active
   policies and profiles (named by :func:`selector_set_id` of the canonical selector text); members are the
   addresses of every matching endpoint cluster-wide plus the nets of every matching network set.
+- **Named-port IP sets** (Calico's): one per (side's positive selector or ``all()``, protocol, port name)
+  of the named ``ports`` / ``notPorts`` in those rules (:func:`named_port_set_id`); members are
+  (address, protocol, port) of every matching endpoint that has a port of that name and protocol. A label
+  change re-evaluates only the selectors reading that label; a port change touches only the sets of that
+  port name whose selector matches the endpoint.
 - **Per local endpoint**: the tiers (ordered) with the policies that select it (ordered, per direction),
   then its profiles.
 
@@ -61,7 +66,9 @@ from felixpy.model.policy import (
     ActiveProfileUpdate,
     EndpointPolicyRemove,
     EndpointPolicyUpdate,
+    EndpointPort,
     IPNet,
+    IPPort,
     IPSetDeltaUpdate,
     IPSetRemove,
     IPSetUpdate,
@@ -70,8 +77,11 @@ from felixpy.model.policy import (
     PolicyKey,
     Profile,
     Rule,
+    SetMember,
     Tier,
     TierPolicies,
+    named_port_set_id,
+    rule_named_port_sets,
     selector_set_id,
 )
 from felixpy.model.selector import Selector, SelectorError, parse_selector
@@ -290,10 +300,40 @@ class _Endpoint:
     labels: tuple[tuple[str, str], ...]
     profiles: tuple[str, ...]
     addrs: frozenset[IPNet]
+    ports: tuple[EndpointPort, ...] = ()
+    name: str = ""
 
 
 _Item = tuple[str, Hashable]  # ("ep", endpoint id) or ("net", network-set key) in the IP-set index
+# An IP set: (selector, "", "") for a selector set, (selector, protocol, port name) for a named-port set.
+_SetKey = tuple[Selector, str, str]
 _INF = math.inf
+
+
+def _rule_set_keys(rules: Iterable[Rule]) -> set[_SetKey]:
+    out: set[_SetKey] = {(sel, "", "") for sel in _rule_selectors(rules)}
+    for r in rules:
+        for nps in rule_named_port_sets(r):
+            out.add((parse_selector(nps.selector), nps.protocol, nps.name))
+    return out
+
+
+def _set_key_id(key: _SetKey) -> str:
+    sel, proto, name = key
+    return named_port_set_id(sel.text, proto, name) if name else selector_set_id(sel.text)
+
+
+def _members(key: _SetKey, addrs: frozenset[IPNet], ports: tuple[EndpointPort, ...]) -> frozenset[SetMember]:
+    """What an item with ``addrs`` and ``ports`` contributes to set ``key``."""
+    _, proto, name = key
+    if not name:
+        return frozenset(addrs)
+    nums = [p.port for p in ports if p.name == name and p.protocol == proto]
+    if not nums:
+        return frozenset()
+    # Only host addresses: a named port belongs to an endpoint address, never to a network.
+    return frozenset(IPPort(a.network_address, proto, n) for a in addrs if a.prefixlen == a.max_prefixlen
+                     for n in nums)
 
 
 def _rule_selectors(rules: Iterable[Rule]) -> set[Selector]:
@@ -342,10 +382,12 @@ class PolicyCalculator:
         # IP-set selectors vs all endpoints and network sets.
         self._set_index: LabelIndex[_Item] = LabelIndex(self._on_set_match)
         self._item_addrs: dict[_Item, frozenset[IPNet]] = {}
-        self._set_refs: dict[Selector, int] = {}
-        self._set_members: dict[Selector, dict[IPNet, int]] = {}
+        self._item_ports: dict[_Item, tuple[EndpointPort, ...]] = {}
+        self._set_refs: dict[_SetKey, int] = {}
+        self._set_members: dict[_SetKey, dict[SetMember, int]] = {}
+        self._sel_sets: dict[Selector, set[_SetKey]] = {}  # selector in the IP-set index -> sets using it
         # What was sent.
-        self._sent_sets: dict[str, frozenset[IPNet]] = {}
+        self._sent_sets: dict[str, frozenset[SetMember]] = {}
         self._sent_policies: dict[PolicyKey, Policy] = {}
         self._sent_profiles: dict[str, Profile] = {}
         self._sent_eps: dict[str, EndpointPolicyUpdate] = {}
@@ -353,14 +395,19 @@ class PolicyCalculator:
         self._dirty_eps: set[str] = set()
         self._dirty_policies: set[PolicyKey] = set()
         self._dirty_profiles: set[str] = set()
-        self._dirty_sets: set[Selector] = set()
+        self._dirty_sets: set[_SetKey] = set()
 
     # -- inputs (cheap) -----------------------------------------------------------------------------
     def set_endpoint(self, ep_id: str, *, local: bool, iface: str, labels: Mapping[str, str],
-                     profiles: Sequence[str], addrs: Sequence[IPNet]) -> None:
-        """An endpoint anywhere in the cluster (labels already include profile labels)."""
+                     profiles: Sequence[str], addrs: Sequence[IPNet], ports: Sequence[EndpointPort] = (),
+                     name: str = "") -> None:
+        """An endpoint anywhere in the cluster (labels already include profile labels; ``ports`` its named
+        ports; ``name`` what drop logs call it, e.g. "<namespace>/<pod>")."""
         self._pending_eps[ep_id] = _Endpoint(local=local, iface=iface, labels=tuple(sorted(labels.items())),
-                                             profiles=tuple(profiles), addrs=frozenset(addrs))
+                                             profiles=tuple(profiles), addrs=frozenset(addrs),
+                                             ports=tuple(sorted(set(ports), key=lambda p: (p.name, p.protocol,
+                                                                                            p.port))),
+                                             name=name)
 
     def remove_endpoint(self, ep_id: str) -> None:
         self._pending_eps[ep_id] = None
@@ -529,7 +576,7 @@ class PolicyCalculator:
             if ep is None:
                 self._set_item(("ep", ep_id), None, frozenset())
             else:
-                self._set_item(("ep", ep_id), dict(ep.labels), ep.addrs)
+                self._set_item(("ep", ep_id), dict(ep.labels), ep.addrs, ep.ports)
 
     def _apply_network_sets(self) -> None:
         pending, self._pending_nets = self._pending_nets, {}
@@ -543,36 +590,49 @@ class PolicyCalculator:
                 self._nets[key] = ns
                 self._set_item(("net", key), dict(ns.labels), frozenset(ns.nets))
 
-    def _set_item(self, item: _Item, labels: Mapping[str, str] | None, addrs: frozenset[IPNet]) -> None:
+    def _set_item(self, item: _Item, labels: Mapping[str, str] | None, addrs: frozenset[IPNet],
+                  ports: tuple[EndpointPort, ...] = ()) -> None:
         if labels is None:
-            self._set_index.remove_item(item)  # withdraws its addresses through _on_set_match
+            self._set_index.remove_item(item)  # withdraws its members through _on_set_match
             self._item_addrs.pop(item, None)
+            self._item_ports.pop(item, None)
             return
         old = self._item_addrs.get(item)
-        if old is not None and old != addrs:
-            # Move the addresses in the sets it already belongs to, then let the label change (if any)
-            # add or remove whole memberships with the new addresses.
+        old_ports = self._item_ports.get(item, ())
+        if old is not None and (old != addrs or old_ports != ports):
+            # Move the members in the sets it already belongs to, then let the label change (if any)
+            # add or remove whole memberships with the new ones. A set whose members do not change (a
+            # selector set on a port change, a named-port set of another name) is not touched.
             for sel in self._set_index.item_matches(item):
-                self._member_delta(sel, old, -1)
-                self._member_delta(sel, addrs, +1)
+                for key in self._sel_sets.get(sel, ()):
+                    before, after = _members(key, old, old_ports), _members(key, addrs, ports)
+                    if before != after:
+                        self._member_delta(key, before - after, -1)
+                        self._member_delta(key, after - before, +1)
         self._item_addrs[item] = addrs
+        if ports:
+            self._item_ports[item] = ports
+        else:
+            self._item_ports.pop(item, None)
         self._set_index.set_item(item, labels)
 
     def _on_set_match(self, sel: Selector, item: _Item, matched: bool) -> None:
-        if sel in self._set_members:
-            self._member_delta(sel, self._item_addrs.get(item, frozenset()), +1 if matched else -1)
+        addrs = self._item_addrs.get(item, frozenset())
+        ports = self._item_ports.get(item, ())
+        for key in self._sel_sets.get(sel, ()):
+            self._member_delta(key, _members(key, addrs, ports), +1 if matched else -1)
 
-    def _member_delta(self, sel: Selector, addrs: frozenset[IPNet], delta: int) -> None:
-        counts = self._set_members.get(sel)
-        if counts is None or not addrs:
+    def _member_delta(self, key: _SetKey, members: frozenset[SetMember], delta: int) -> None:
+        counts = self._set_members.get(key)
+        if counts is None or not members:
             return
-        for a in addrs:
+        for a in members:
             n = counts.get(a, 0) + delta
             if n:
                 counts[a] = n
             else:
                 del counts[a]
-        self._dirty_sets.add(sel)
+        self._dirty_sets.add(key)
 
     def _ref_profile(self, name: str, delta: int) -> None:
         n = self._profile_refs.get(name, 0) + delta
@@ -602,18 +662,31 @@ class PolicyCalculator:
 
     # -- resolving outputs --------------------------------------------------------------------------
     def _ref_sets(self, rules: Iterable[Rule], delta: int) -> None:
-        for sel in _rule_selectors(rules):
-            n = self._set_refs.get(sel, 0) + delta
-            self._dirty_sets.add(sel)
+        for key in _rule_set_keys(rules):
+            n = self._set_refs.get(key, 0) + delta
+            self._dirty_sets.add(key)
+            sel = key[0]
             if n:
-                self._set_refs[sel] = n
+                self._set_refs[key] = n
                 if delta > 0 and n == 1:
-                    self._set_members[sel] = {}
-                    self._set_index.add_selector(sel)  # fills the members through _on_set_match
+                    self._set_members[key] = {}
+                    users = self._sel_sets.get(sel)
+                    if users is None:
+                        self._sel_sets[sel] = {key}
+                        self._set_index.add_selector(sel)  # fills the members through _on_set_match
+                    else:
+                        users.add(key)
+                        for item in self._set_index.matches(sel):
+                            self._member_delta(key, _members(key, self._item_addrs.get(item, frozenset()),
+                                                             self._item_ports.get(item, ())), +1)
             else:
-                del self._set_refs[sel]
-                del self._set_members[sel]
-                self._set_index.remove_selector(sel)
+                del self._set_refs[key]
+                del self._set_members[key]
+                users = self._sel_sets[sel]
+                users.discard(key)
+                if not users:
+                    del self._sel_sets[sel]
+                    self._set_index.remove_selector(sel)
 
     def _resolve_profiles(self) -> tuple[list[PolicyMessage], list[PolicyMessage]]:
         updates: list[PolicyMessage] = []
@@ -664,8 +737,8 @@ class PolicyCalculator:
         updates: list[PolicyMessage] = []
         removes: list[PolicyMessage] = []
         dirty, self._dirty_sets = self._dirty_sets, set()
-        for set_id, sel in sorted((selector_set_id(s.text), s) for s in dirty):
-            counts = self._set_members.get(sel)
+        for set_id, key in sorted(((_set_key_id(k), k) for k in dirty), key=lambda ik: ik[0]):
+            counts = self._set_members.get(key)
             have = self._sent_sets.get(set_id)
             if counts is None:
                 if have is not None:
@@ -714,7 +787,7 @@ class PolicyCalculator:
                     removes.append(EndpointPolicyRemove(ep_id))
                 continue
             want = EndpointPolicyUpdate(endpoint=ep_id, iface=ep.iface, tiers=self._endpoint_tiers(ep_id),
-                                        profiles=ep.profiles)
+                                        profiles=ep.profiles, name=ep.name)
             if want != have:
                 self._sent_eps[ep_id] = want
                 updates.append(want)

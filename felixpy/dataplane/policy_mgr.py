@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
+from felixpy import metrics
 from felixpy.dataplane import policy_render as nft_render
 from felixpy.dataplane import policy_render_ipt as ipt_render
 from felixpy.dataplane.drivers.iptables import IptablesDataplane, IptablesTable
@@ -44,6 +46,7 @@ from felixpy.dataplane.policy_render import (
     MAP_FROM_WL_DISPATCH,
     MAP_TO_WL_DISPATCH,
     ChainSpec,
+    DropKey,
     PolicyRenderError,
     RenderOptions,
     rules_set_ids,
@@ -57,13 +60,14 @@ from felixpy.model.policy import (
     ActiveProfileUpdate,
     EndpointPolicyRemove,
     EndpointPolicyUpdate,
-    IPNet,
+    IPPort,
     IPSetDeltaUpdate,
     IPSetRemove,
     IPSetUpdate,
     Policy,
     PolicyKey,
     Profile,
+    SetMember,
 )
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,8 @@ class _Renderer(Protocol):
 
     def render_endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions = ..., *,
                               available: Callable[[str], bool] | None = None,
-                              staged: Callable[[PolicyKey], bool] | None = None) -> list[Any]: ...
+                              staged: Callable[[PolicyKey], bool] | None = None,
+                              drops: dict[str, DropKey] | None = None) -> list[Any]: ...
 
 
 class _Table(Protocol):
@@ -119,8 +124,19 @@ class _Backend:
         return self.render.profile_chains(profile, opts)
 
     def endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions,
-                       available: Callable[[str], bool], staged: Callable[[PolicyKey], bool]) -> list[DriverRule]:
-        return self.render.render_endpoint_chain(ep, direction, opts, available=available, staged=staged)
+                       available: Callable[[str], bool], staged: Callable[[PolicyKey], bool],
+                       drops: dict[str, DropKey]) -> list[DriverRule]:
+        return self.render.render_endpoint_chain(ep, direction, opts, available=available, staged=staged,
+                                                 drops=drops)
+
+    def set_counter(self, name: str) -> None:
+        """A drop counter the endpoint chains use (nft: a named counter; iptables: rule comments)."""
+
+    def remove_counter(self, name: str) -> None:
+        pass
+
+    def read_counters(self) -> dict[str, tuple[int, int]]:
+        raise NotImplementedError
 
     def set_chain(self, name: str, rules: Iterable[DriverRule]) -> None:
         self.t.set_chain(name, list(rules))
@@ -134,7 +150,7 @@ class _Backend:
     def set_name(self, set_id: str, ip_version: int) -> str:
         raise NotImplementedError
 
-    def set_set(self, name: str, members: frozenset[IPNet] | None, ip_version: int) -> None:
+    def set_set(self, set_id: str, name: str, members: frozenset[SetMember] | None, ip_version: int) -> None:
         raise NotImplementedError
 
     def remove_set(self, name: str) -> None:
@@ -157,13 +173,28 @@ class _NftBackend(_Backend):
     def set_name(self, set_id: str, ip_version: int) -> str:
         return nft_render.nft_set_name(set_id, ip_version)
 
-    def set_set(self, name: str, members: frozenset[IPNet] | None, ip_version: int) -> None:
+    def set_set(self, set_id: str, name: str, members: frozenset[SetMember] | None, ip_version: int) -> None:
+        addr_type = "ipv4_addr" if ip_version == 4 else "ipv6_addr"
+        if nft_render.is_named_port_set(set_id):
+            ports = sorted(m for m in members or () if isinstance(m, IPPort) and m.addr.version == ip_version)
+            self.t.set_set(name, f"{addr_type} . inet_proto . inet_service",
+                           [(str(m.addr), m.protocol, m.port) for m in ports])
+            return
         elems = sorted((n for n in members or () if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network)
                         and n.version == ip_version), key=lambda n: (int(n.network_address), n.prefixlen))
-        self.t.set_set(name, "ipv4_addr" if ip_version == 4 else "ipv6_addr", elems, flags=("interval",))
+        self.t.set_set(name, addr_type, elems, flags=("interval",))
 
     def remove_set(self, name: str) -> None:
         self.t.remove_set(name)
+
+    def set_counter(self, name: str) -> None:
+        self.t.set_counter(name)
+
+    def remove_counter(self, name: str) -> None:
+        self.t.remove_counter(name)
+
+    def read_counters(self) -> dict[str, tuple[int, int]]:
+        return self.t.read_counters()
 
     def write_static(self, opts: RenderOptions) -> None:
         for spec in nft_render.static_chains(opts):
@@ -191,11 +222,17 @@ class _IptBackend(_Backend):
     def set_name(self, set_id: str, ip_version: int) -> str:
         return ipt_render.ipset_name(set_id, ip_version)
 
-    def set_set(self, name: str, members: frozenset[IPNet] | None, ip_version: int) -> None:
+    def set_set(self, set_id: str, name: str, members: frozenset[SetMember] | None, ip_version: int) -> None:
+        if nft_render.is_named_port_set(set_id):
+            self.ipsets.set_ipset(name, "hash:ip,port", ipt_render.ipset_port_members(members or (), ip_version))
+            return
         self.ipsets.set_ipset(name, "hash:net", ipt_render.ipset_members(members or (), ip_version))
 
     def remove_set(self, name: str) -> None:
         self.ipsets.remove_ipset(name)
+
+    def read_counters(self) -> dict[str, tuple[int, int]]:
+        return ipt_render.read_drop_counters(self.t.save_with_counters())
 
     def write_static(self, opts: RenderOptions) -> None:
         for spec in ipt_render.static_chains(opts):
@@ -211,7 +248,11 @@ class _IptBackend(_Backend):
 
 
 class PolicyManager:
-    def __init__(self, table: NftTable | IptablesDataplane, *, options: RenderOptions | None = None) -> None:
+    # Drop counters are read (one nft/iptables-save call) at most this often from complete_deferred_work.
+    DROP_METRICS_INTERVAL = 5.0
+
+    def __init__(self, table: NftTable | IptablesDataplane, *, options: RenderOptions | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._b: _Backend
         fam: int
         if isinstance(table, IptablesDataplane):
@@ -233,7 +274,7 @@ class PolicyManager:
         self.options = opts
         self.ip_version = fam
         # Desired input.
-        self._sets: dict[str, frozenset[IPNet]] = {}
+        self._sets: dict[str, frozenset[SetMember]] = {}
         self._policies: dict[PolicyKey, Policy] = {}
         self._profiles: dict[str, Profile] = {}
         self._endpoints: dict[str, EndpointPolicyUpdate] = {}
@@ -257,6 +298,12 @@ class PolicyManager:
         self._iface_wants: dict[str, frozenset[str]] = {}  # iface -> policy/profile chains it refers to
         self._wanted_by: dict[str, set[str]] = {}  # policy/profile chain -> ifaces referring to it
         self.errors: dict[str, str] = {}  # "policy <id>" / "profile <n>" / "set <id>" / "endpoint <k>" -> why
+        # Drop counters: iface -> the counters its chains use; counter -> (tier, policy, direction), users.
+        self._iface_drops: dict[str, dict[str, DropKey]] = {}
+        self._drop_keys: dict[str, DropKey] = {}
+        self._drop_users: dict[str, int] = {}
+        self._clock = clock
+        self._next_drop_read = 0.0
 
     # -- messages (cheap) ---------------------------------------------------------------------------
     def on_update(self, msg: object) -> None:
@@ -336,6 +383,55 @@ class PolicyManager:
         if self._dispatch_dirty:
             self._b.write_dispatch(self._iface_ep)
             self._dispatch_dirty = False
+        now = self._clock()
+        if now >= self._next_drop_read:
+            self._next_drop_read = now + self.DROP_METRICS_INTERVAL
+            self.publish_drop_metrics()
+
+    # -- drops ----------------------------------------------------------------------------------------
+    def _set_drops(self, iface: str, drops: dict[str, DropKey]) -> None:
+        old = self._iface_drops.get(iface, {})
+        for name in drops.keys() - old.keys():
+            n = self._drop_users.get(name, 0)
+            if n == 0:
+                self._drop_keys[name] = drops[name]
+                self._b.set_counter(name)
+            self._drop_users[name] = n + 1
+        for name in old.keys() - drops.keys():
+            n = self._drop_users[name] - 1
+            if n:
+                self._drop_users[name] = n
+            else:
+                del self._drop_users[name]
+                del self._drop_keys[name]
+                self._b.remove_counter(name)
+        if drops:
+            self._iface_drops[iface] = drops
+        else:
+            self._iface_drops.pop(iface, None)
+
+    def drop_counters(self) -> dict[DropKey, tuple[int, int]]:
+        """(tier, policy, direction) -> (packets, bytes) dropped, from the kernel in one call. ``policy``
+        is the policy id (``knp/ns/name``), ``profile/<name>``, ``end-of-tier`` or ``no-profile-matched``
+        (tier ""); direction ``ingress``/``egress``. Summed over every local endpoint."""
+        counts = self._b.read_counters()
+        out: dict[DropKey, tuple[int, int]] = {}
+        for name, key in self._drop_keys.items():
+            p, b = counts.get(name, (0, 0))
+            op, ob = out.get(key, (0, 0))
+            out[key] = (op + p, ob + b)
+        return out
+
+    def publish_drop_metrics(self) -> None:
+        """Export :meth:`drop_counters` as the policy drop metrics (never raises: metrics are best effort)."""
+        if not self._drop_keys:
+            return
+        try:
+            rows = self.drop_counters()
+        except Exception as e:  # a read failing must never fail the dataplane apply
+            log.warning("policy drop counters not read: %s", e)
+            return
+        metrics.set_policy_drops(rows)
 
     # -- policies and profiles ----------------------------------------------------------------------
     def _push_chains(self, obj: str, specs: list[ChainSpec], sets: frozenset[str]) -> set[str]:
@@ -419,7 +515,7 @@ class PolicyManager:
                 continue
             # A referenced set that has not arrived is programmed empty (matches nothing).
             try:
-                self._b.set_set(name, members, self.ip_version)
+                self._b.set_set(set_id, name, members, self.ip_version)
             except ValueError as e:
                 self._error(obj, e)
                 continue
@@ -441,6 +537,7 @@ class PolicyManager:
                 for d in (INGRESS, EGRESS):
                     self._b.remove_chain(self._b.endpoint_chain_name(iface, d))
                 del self._iface_ep[iface]
+                self._set_drops(iface, {})
                 self._dispatch_dirty = True
                 self.errors.pop(f"endpoint {pushed}", None)
             self._set_wants(iface, frozenset())
@@ -454,10 +551,13 @@ class PolicyManager:
         for p in ep.profiles:
             wants |= {self._b.profile_chain_name(p, d) for d in (INGRESS, EGRESS)}
         self._set_wants(iface, frozenset(wants))
+        drops: dict[str, DropKey] = {}
         try:
             chains = [(self._b.endpoint_chain_name(iface, d),
-                       self._b.endpoint_chain(ep, d, self.options, has, self._hidden.__contains__))
+                       self._b.endpoint_chain(ep, d, self.options, has, self._hidden.__contains__, drops))
                       for d in (INGRESS, EGRESS)]
+            # The counters first: a chain referring to a counter that is not desired is not programmed.
+            self._set_drops(iface, drops)
             for name, rules in chains:
                 self._b.set_chain(name, rules)
         except ValueError as e:

@@ -22,11 +22,13 @@ Calico's nft mode, ``filter-<iptables chain>``; the NAT manager's ``nat-*`` chai
   ``ipv4_addr`` (``cali60...``, ``ipv6_addr`` in the ip6 table).
 
 Verdicts and marks (Calico's bits, calico-compat 1.2): a policy chain never accepts. An Allow rule sets
-the accept bit A and returns, Pass sets the pass bit P and returns, Deny drops at once, Log logs and goes
-on. The endpoint chain jumps to each policy of a tier while P is clear, returns as soon as A is set,
-drops at the end of a tier nobody passed (unless the tier's default action is Pass), then tries the
-profiles the same way and finally drops. Only ``filter-FORWARD`` (A set) and the workload-to-host chain
-give the final ``accept``, so one place decides, as in Felix.
+the accept bit A and returns, Pass sets the pass bit P and returns, Deny sets the drop bit D and returns
+(Felix 3.30+), Log logs and goes on. The endpoint chain jumps to each policy of a tier while P is clear,
+drops a packet with D right after the jump (counting it in that policy's named counter, so a drop is
+attributed to endpoint, tier and policy), returns as soon as A is set, drops at the end of a tier nobody
+passed (unless the tier's default action is Pass), then tries the profiles the same way and finally drops.
+Only ``filter-FORWARD`` (A set) and the workload-to-host chain give the final ``accept``, so one place
+decides, as in Felix.
 """
 
 from __future__ import annotations
@@ -53,12 +55,16 @@ from felixpy.model.policy import (
     EndpointPolicyUpdate,
     EntityMatch,
     IPNet,
+    NamedPortSet,
     Policy,
     PolicyKey,
     PortRange,
     Profile,
     Rule,
+    TierPolicies,
+    rule_named_port_sets,
     selector_set_id,
+    side_named_port_sets,
 )
 from felixpy.model.selector import SelectorError, parse_selector
 
@@ -113,17 +119,19 @@ class Marks:
 
     accept: int = 0x10000
     pass_: int = 0x20000
+    drop: int = 0x40000  # Felix 3.30+: a Deny rule sets it and returns; the endpoint chain drops (and counts)
 
     def validate(self) -> None:
-        for name, bit in (("accept", self.accept), ("pass", self.pass_)):
+        for name, bit in (("accept", self.accept), ("pass", self.pass_), ("drop", self.drop)):
             if not isinstance(bit, int) or isinstance(bit, bool) or bit <= 0 or bit >= 2**32 or bit & (bit - 1):
                 raise ValueError(f"{name} mark must be a single bit of 32, not {bit!r}")
-        if self.accept == self.pass_:
-            raise ValueError("accept and pass marks must differ")
+        if len({self.accept, self.pass_, self.drop}) != 3:
+            raise ValueError("accept, pass and drop marks must differ")
 
     @property
-    def both(self) -> int:
-        return self.accept | self.pass_
+    def verdicts(self) -> int:
+        """Every verdict bit (cleared when an endpoint chain starts)."""
+        return self.accept | self.pass_ | self.drop
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,10 @@ class RenderOptions:
     vxlan_port: int = 4789
     log_prefix: str = "calico-packet: "
     drop_invalid: bool = True
+    # FELIXPY_LOG_DROPS: every policy drop is also logged (rate-limited) with a prefix naming the pod and
+    # the policy; read by the daemon into this field, off by default.
+    log_drops: bool = False
+    drop_log_rate: int = 10  # per second, per drop rule
 
     def validate(self) -> None:
         if self.ip_version not in (4, 6):
@@ -159,6 +171,8 @@ class RenderOptions:
                              f"not {self.endpoint_to_host_action!r}")
         if not isinstance(self.vxlan_port, int) or not 1 <= self.vxlan_port <= 65535:
             raise ValueError(f"invalid VXLAN port {self.vxlan_port!r}")
+        if not isinstance(self.drop_log_rate, int) or not 1 <= self.drop_log_rate <= 10000:
+            raise ValueError(f"invalid drop log rate {self.drop_log_rate!r} (1-10000 per second)")
         if '"' in self.log_prefix or "\\" in self.log_prefix or any(ord(c) < 32 for c in self.log_prefix) \
                 or len(self.log_prefix.encode()) > 127:
             raise ValueError(f"invalid log prefix {self.log_prefix!r} (max 127 bytes, no quotes)")
@@ -237,13 +251,26 @@ def set_id_for_selector(selector: str) -> str:
 
 
 def rule_set_ids(rule: Rule) -> frozenset[str]:
-    """The IP sets a rule refers to (whatever IP version it renders for)."""
+    """The IP sets a rule refers to (whatever IP version it renders for): selector sets and named-port
+    sets (``n:`` ids)."""
     out = set()
     for side in (rule.source, rule.destination):
         for sel in (side.selector, side.not_selector):
             if sel:
                 out.add(set_id_for_selector(sel))
+    out.update(s.set_id for s in _named_sets(rule))
     return frozenset(out)
+
+
+def _named_sets(rule: Rule) -> list[NamedPortSet]:
+    try:
+        return rule_named_port_sets(rule)
+    except SelectorError as e:
+        raise PolicyRenderError(f"invalid selector: {e}") from None
+
+
+def is_named_port_set(set_id: str) -> bool:
+    return set_id.startswith("n:")
 
 
 def rules_set_ids(rules: Iterable[Rule]) -> frozenset[str]:
@@ -315,20 +342,22 @@ def _action(rule: Rule, opts: RenderOptions) -> str:
     if rule.action == ACTION_PASS:
         return f"meta mark set meta mark | {_mark(m.pass_)} return"
     if rule.action == ACTION_DENY:
-        return "drop"
+        # Felix 3.30+: the endpoint chain that jumped here drops it, so the drop can name the pod.
+        return f"meta mark set meta mark | {_mark(m.drop)} return"
     return f'log prefix "{opts.log_prefix}" level notice'
 
 
 def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTIONS) -> list[str]:
     """nft rule texts (without comments) for one policy rule; ``[]`` when the rule cannot match in this
-    IP version (its ``ip_version``, ICMP flavour or CIDRs belong to the other one) or only through named
-    ports (see below). Raises :class:`PolicyRenderError` on a rule Calico's validation would refuse.
+    IP version (its ``ip_version``, ICMP flavour or CIDRs belong to the other one). Raises
+    :class:`PolicyRenderError` on a rule Calico's validation would refuse.
 
     Source and destination mean the packet's, in both directions. Fields are ANDed; the items of one
-    list (nets, ports) are ORed; ``not_*`` fields exclude. Named ports are not resolved yet, so a rule
-    using them is rendered conservatively: Allow/Pass/Log keep only their numeric ports (a rule left with
-    named ones only is omitted, and a named port among ``not_ports`` omits it), Deny widens instead
-    (named ``ports`` make it match every port, named ``not_ports`` are ignored)."""
+    list (nets, ports) are ORed; ``not_*`` fields exclude. Named ports are Calico's named-port sets
+    (``addr . l4proto . port``, :func:`felixpy.model.policy.side_named_port_sets`), ORed with the numeric
+    ports; since one nft rule cannot OR different matches, a side with numeric and named ports (or
+    several named ones) becomes one rule per alternative (a packet takes the first that matches: every
+    action but Log ends the chain walk for it)."""
     _check_direction(direction)
     if rule.action not in ACTIONS:
         raise PolicyRenderError(f"invalid rule action {rule.action!r}")
@@ -341,8 +370,6 @@ def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTION
     not_proto = _proto(rule.not_protocol, "notProtocol")
     if (proto in _ICMP4 and v == 6) or (proto in _ICMP6 and v == 4):
         return []
-    widen = rule.action == ACTION_DENY
-
     icmp_fields = (rule.icmp_type, rule.icmp_code, rule.not_icmp_type, rule.not_icmp_code)
     if any(f is not None for f in icmp_fields):
         if proto not in (_ICMP4 | _ICMP6):
@@ -358,6 +385,7 @@ def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTION
     ip = "ip" if v == 4 else "ip6"
     parts: list[str] = []
     negs: list[str] = []
+    alternatives: list[list[str]] = []  # per side with several port alternatives: one of them must match
     if proto is not None:
         parts.append(f"meta l4proto {proto}")
     if not_proto is not None:
@@ -381,12 +409,18 @@ def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTION
         for p in (*named, *not_named):
             if not p:
                 raise PolicyRenderError(f"{what}: empty named port")
-        if named and not widen and not numeric:
-            return False
-        if numeric and not (named and widen):
-            parts.append(f"th {port} {_ports_text(numeric, what + ' ports')}")
-        if not_named and not widen:
-            return False
+        try:
+            pos_sets = side_named_port_sets(e, rule.protocol, negated=False)
+            neg_sets = side_named_port_sets(e, rule.protocol, negated=True)
+        except SelectorError as err:
+            raise PolicyRenderError(f"{what}: invalid selector: {err}") from None
+        key = f"{ip} {addr} . meta l4proto . th {port}"
+        alts = [f"th {port} {_ports_text(numeric, what + ' ports')}"] if numeric else []
+        alts += [f"{key} @{nft_set_name(s.set_id, v)}" for s in pos_sets]
+        if len(alts) == 1:
+            parts.append(alts[0])
+        elif alts:
+            alternatives.append(alts)
         not_nets = _nets_for(e.not_nets, v, what + " notNets")
         if not_nets:
             negs.append(f"{ip} {addr} != {_one_or_set([str(n) for n in not_nets])}")
@@ -394,6 +428,7 @@ def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTION
             negs.append(f"{ip} {addr} != @{nft_set_name(set_id_for_selector(e.not_selector), v)}")
         if not_numeric:
             negs.append(f"th {port} != {_ports_text(not_numeric, what + ' notPorts')}")
+        negs.extend(f"{key} != @{nft_set_name(s.set_id, v)}" for s in neg_sets)
         return True
 
     if not side(rule.source, "saddr", "sport", "source"):
@@ -410,7 +445,10 @@ def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTION
             negs.append(f"{icmp} type != {rule.not_icmp_type}")
         else:  # Calico's "! --icmp-type t/c": not (this type and this code)
             negs.append(f"{icmp} type . {icmp} code != {{ {rule.not_icmp_type} . {rule.not_icmp_code} }}")
-    return [" ".join([*parts, *negs, _action(rule, opts)])]
+    rules = [[*parts]]
+    for alts in alternatives:
+        rules = [[*r, a] for r in rules for a in alts]
+    return [" ".join([*r, *negs, _action(rule, opts)]) for r in rules]
 
 
 # -- chains -------------------------------------------------------------------------------------------
@@ -426,8 +464,6 @@ def _rules_chain(header: str, rules: Sequence[Rule], direction: str, opts: Rende
     out: list[NftRule] = []
     for r in rules:
         notes = [f"{k}={v}" for k, v in r.metadata]
-        if uses_named_ports(r):
-            notes.append("named ports not resolved")
         for text in render_rule(r, direction, opts):
             comment = "; ".join(([header] if not out else []) + notes)
             out.append(NftRule(text, _clean_comment(comment)))
@@ -463,53 +499,120 @@ def profile_chains(profile: Profile, opts: RenderOptions = DEFAULT_OPTIONS) -> l
             for d in _DIRECTIONS]
 
 
-def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions = DEFAULT_OPTIONS, *,
-                          available: Callable[[str], bool] | None = None,
-                          staged: Callable[[PolicyKey], bool] | None = None) -> list[NftRule]:
-    """Calico's workload endpoint chain for one direction (calico-compat 1.6).
+# -- drops you can see --------------------------------------------------------------------------------
+DropKey = tuple[str, str, str]  # (tier, policy, direction): the label set of the drop metrics
+END_OF_TIER = "end-of-tier"  # the policy label of a tier's final drop
+NO_PROFILE = "no-profile-matched"  # ... of the endpoint chain's last rule (tier "")
+PROFILE_PREFIX = "profile/"  # a Deny in a profile: tier "", policy "profile/<name>"
 
-    ``staged(key)``: staged policies are never jumped to and do not make a tier end in a drop.
-    ``available(chain)``: jumps to chains that do not exist (yet) are left out; a tier whose policies are
-    all missing still ends in its drop, so a missing policy never opens traffic a later profile allows."""
-    _check_direction(direction)
-    m = opts.marks
-    accept, pass_ = _mark(m.accept), _mark(m.pass_)
-    has = available or (lambda _c: True)
-    is_staged = staged or (lambda _k: False)
-    out = [NftRule("ct state established,related accept")]
-    if opts.drop_invalid:
-        out.append(NftRule("ct state invalid drop"))
-    out.append(NftRule(f"meta mark set meta mark & {_mark(~m.both & 0xFFFFFFFF)}"))
-    if direction == EGRESS:
-        if not opts.allow_vxlan_from_workloads:
-            out.append(NftRule(f"udp dport {opts.vxlan_port} drop",
-                               "Drop VXLAN encapped packets originating in workloads"))
-        if not opts.allow_ipip_from_workloads:
-            out.append(NftRule("meta l4proto 4 drop", "Drop IPinIP encapped packets originating in workloads"))
+
+def drop_counter_name(key: DropKey) -> str:
+    """The named counter (nft) / rule comment tag (iptables) of one drop point."""
+    digest = base64.b32encode(hashlib.sha256("\x00".join(key).encode()).digest()).decode().lower()
+    return "cali-drop-" + digest[:16]
+
+
+def drop_log_prefix(ep: EndpointPolicyUpdate, what: str, limit: int) -> str:
+    """``calico-drop <ns>/<pod> <what>: `` cut to ``limit`` bytes (quotes and control characters blanked)."""
+    text = f"calico-drop {ep.name or ep.endpoint} {what}: "
+    text = "".join(c if c.isprintable() and c not in '"\\' else " " for c in text)
+    raw = text.encode()
+    return raw[:limit].decode(errors="ignore") if len(raw) > limit else text
+
+
+def _drop_points(ep: EndpointPolicyUpdate, direction: str, has: Callable[[str], bool],
+                 is_staged: Callable[[PolicyKey], bool], policy_chain: Callable[[PolicyKey, str], str],
+                 profile_chain: Callable[[str, str], str]) -> list[tuple[str, object, DropKey]]:
+    """The endpoint chain's structure, renderer-neutral (the chain namers are the renderer's): ("tier",
+    TierPolicies, key of its end drop), ("policy", PolicyKey, key), ("endtier", tier, key), ("profile",
+    name, key), ("end", None, key)."""
+    d = direction.lower()
+    out: list[tuple[str, object, DropKey]] = []
     for tier in ep.tiers:
         if tier.default_action not in (ACTION_DENY, ACTION_PASS):
             raise PolicyRenderError(f"tier {tier.name}: invalid default action {tier.default_action!r}")
         keys = [k for k in (tier.ingress if direction == INGRESS else tier.egress) if not is_staged(k)]
         if not keys:
             continue
-        out.append(NftRule(f"meta mark set meta mark & {_mark(~m.pass_ & 0xFFFFFFFF)}",
-                           _clean_comment(f"Start of tier {tier.name}")))
+        out.append(("tier", tier, (tier.name, END_OF_TIER, d)))
         for k in keys:
-            chain = policy_chain_name(k, direction)
-            if not has(chain):
-                continue
-            out.append(NftRule(f"meta mark & {pass_} == 0 jump {chain}"))
-            out.append(NftRule(f"meta mark & {accept} == {accept} return", "Return if policy accepted"))
+            if has(policy_chain(k, direction)):
+                out.append(("policy", k, (tier.name, k.id, d)))
         if tier.default_action != ACTION_PASS:
-            out.append(NftRule(f"meta mark & {pass_} == 0 drop",
-                               _clean_comment(f"End of tier {tier.name}. Drop if no policies passed packet")))
+            out.append(("endtier", tier, (tier.name, END_OF_TIER, d)))
     for name in ep.profiles:
-        chain = profile_chain_name(name, direction)
-        if not has(chain):
-            continue
-        out.append(NftRule(f"jump {chain}"))
-        out.append(NftRule(f"meta mark & {accept} == {accept} return", "Return if profile accepted"))
-    out.append(NftRule("drop", "Drop if no profiles matched"))
+        if has(profile_chain(name, direction)):
+            out.append(("profile", name, ("", PROFILE_PREFIX + name, d)))
+    out.append(("end", None, ("", NO_PROFILE, d)))
+    return out
+
+
+def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions = DEFAULT_OPTIONS, *,
+                          available: Callable[[str], bool] | None = None,
+                          staged: Callable[[PolicyKey], bool] | None = None,
+                          drops: dict[str, DropKey] | None = None) -> list[NftRule]:
+    """Calico's workload endpoint chain for one direction (calico-compat 1.6).
+
+    ``staged(key)``: staged policies are never jumped to and do not make a tier end in a drop.
+    ``available(chain)``: jumps to chains that do not exist (yet) are left out; a tier whose policies are
+    all missing still ends in its drop, so a missing policy never opens traffic a later profile allows.
+
+    Every policy drop happens here and is counted: after each policy/profile jump, a packet with the drop
+    bit (a Deny rule matched) is dropped; then the end-of-tier and no-profile drops. Each drop rule counts
+    into a named counter (:func:`drop_counter_name`, registered in ``drops``: name -> (tier, policy,
+    direction)) and, with ``opts.log_drops``, is preceded by a rate-limited log rule whose prefix names
+    the pod and the policy."""
+    _check_direction(direction)
+    m = opts.marks
+    accept, pass_, drop = _mark(m.accept), _mark(m.pass_), _mark(m.drop)
+    has = available or (lambda _c: True)
+    is_staged = staged or (lambda _k: False)
+    points = _drop_points(ep, direction, has, is_staged, policy_chain_name, profile_chain_name)
+
+    def counted_drop(match: str, key: DropKey, what: str, comment: str) -> list[NftRule]:
+        name = drop_counter_name(key)
+        if drops is not None:
+            drops[name] = key
+        rules = []
+        if opts.log_drops:
+            prefix = drop_log_prefix(ep, what, 127)
+            rules.append(NftRule(f"{match} limit rate {opts.drop_log_rate}/second burst {opts.drop_log_rate * 2} "
+                                 f'packets log prefix "{prefix}" level warn'.strip()))
+        rules.append(NftRule(f'{match} counter name "{name}" drop'.strip(), _clean_comment(comment)))
+        return rules
+
+    out = [NftRule("ct state established,related accept")]
+    if opts.drop_invalid:
+        out.append(NftRule("ct state invalid drop"))
+    out.append(NftRule(f"meta mark set meta mark & {_mark(~m.verdicts & 0xFFFFFFFF)}"))
+    if direction == EGRESS:
+        if not opts.allow_vxlan_from_workloads:
+            out.append(NftRule(f"udp dport {opts.vxlan_port} drop",
+                               "Drop VXLAN encapped packets originating in workloads"))
+        if not opts.allow_ipip_from_workloads:
+            out.append(NftRule("meta l4proto 4 drop", "Drop IPinIP encapped packets originating in workloads"))
+    on_drop = f"meta mark & {drop} == {drop}"
+    for kind, item, key in points:
+        if kind == "tier":
+            assert isinstance(item, TierPolicies)
+            out.append(NftRule(f"meta mark set meta mark & {_mark(~m.pass_ & 0xFFFFFFFF)}",
+                               _clean_comment(f"Start of tier {item.name}")))
+        elif kind == "policy":
+            assert isinstance(item, PolicyKey)
+            out.append(NftRule(f"meta mark & {pass_} == 0 jump {policy_chain_name(item, direction)}"))
+            out += counted_drop(on_drop, key, f"{item.id} {direction.lower()}", f"Drop if policy {item.id} denied")
+            out.append(NftRule(f"meta mark & {accept} == {accept} return", "Return if policy accepted"))
+        elif kind == "endtier":
+            assert isinstance(item, TierPolicies)
+            out += counted_drop(f"meta mark & {pass_} == 0", key, f"tier {item.name} end {direction.lower()}",
+                                f"End of tier {item.name}. Drop if no policies passed packet")
+        elif kind == "profile":
+            assert isinstance(item, str)
+            out.append(NftRule(f"jump {profile_chain_name(item, direction)}"))
+            out += counted_drop(on_drop, key, f"profile {item} {direction.lower()}", f"Drop if profile {item} denied")
+            out.append(NftRule(f"meta mark & {accept} == {accept} return", "Return if profile accepted"))
+        else:
+            out += counted_drop("", key, f"no profile {direction.lower()}", "Drop if no profiles matched")
     return out
 
 
@@ -541,7 +644,7 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
             NftRule(f"meta mark & {accept} == {accept} accept", "Policy explicitly accepted packet."),
         ), filt),
         ChainSpec(CHAIN_FORWARD, (
-            NftRule(f"meta mark set meta mark & {_mark(~m.both & 0xFFFFFFFF)}"),
+            NftRule(f"meta mark set meta mark & {_mark(~m.verdicts & 0xFFFFFFFF)}"),
             NftRule(f"iifname {wild} jump {CHAIN_FROM_WL_DISPATCH}"),
             NftRule(f"oifname {wild} jump {CHAIN_TO_WL_DISPATCH}"),
         )),

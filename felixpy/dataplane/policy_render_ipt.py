@@ -20,7 +20,8 @@ The iptables twin of :mod:`felixpy.dataplane.policy_render`, with Calico's iptab
 - selector IP sets: ipset ``hash:net`` named ``cali40<set id>`` (``cali60`` for IPv6), at most 31 chars.
 
 Verdicts and marks are the nft renderer's: a policy chain never accepts; Allow sets A and returns, Pass
-sets P and returns, Deny drops at once (Calico <= 3.29), Log logs and goes on. The endpoint chain is
+sets P and returns, Deny sets the drop bit D and returns (Calico 3.30+; the endpoint chain drops and counts
+it), Log logs and goes on. The endpoint chain is
 Calico's (calico-compat 1.6).
 
 One API rule may need more than one iptables rule: iptables has no "one of these CIDRs" match (``-s a,b``
@@ -45,14 +46,17 @@ from felixpy.dataplane.policy_render import (
     DEFAULT_OPTIONS,
     MAX_COMMENT_BYTES,
     ChainSpec,
+    DropKey,
     Marks,
     PolicyRenderError,
     RenderOptions,
+    _drop_points,
     check_iface,
+    drop_counter_name,
+    drop_log_prefix,
     policy_header,
     rules_set_ids,
     set_id_for_selector,
-    uses_named_ports,
 )
 from felixpy.model.policy import (
     ACTION_ALLOW,
@@ -64,19 +68,24 @@ from felixpy.model.policy import (
     EndpointPolicyUpdate,
     EntityMatch,
     IPNet,
+    IPPort,
     Policy,
     PolicyKey,
     PortRange,
     Profile,
     Rule,
+    TierPolicies,
+    side_named_port_sets,
 )
+from felixpy.model.selector import SelectorError
 
 __all__ = [
     "CHAIN_FORWARD", "CHAIN_FROM_WL_DISPATCH", "CHAIN_INPUT", "CHAIN_TO_WL_DISPATCH", "CHAIN_WL_TO_HOST",
     "MAX_CHAIN_NAME", "MAX_IPSET_NAME", "MAX_LOG_PREFIX", "HookSpec", "dispatch_chains", "endpoint_chain_name",
-    "hooks", "ipset_members", "ipset_name", "policy_chain_name", "policy_chains", "profile_chain_name",
-    "profile_chains", "render_endpoint_chain", "render_policy_chain", "render_profile_chain", "render_rule",
-    "rules_set_ids", "scratch_marks", "static_chains",
+    "hooks", "ipset_members", "ipset_name", "ipset_port_members", "policy_chain_name", "policy_chains",
+    "profile_chain_name", "profile_chains", "read_drop_counters",
+    "render_endpoint_chain", "render_policy_chain", "render_profile_chain",
+    "render_rule", "rules_set_ids", "scratch_marks", "static_chains",
 ]
 
 # -- names ------------------------------------------------------------------------------------------
@@ -167,12 +176,18 @@ def ipset_members(nets: Iterable[object], ip_version: int) -> list[IPNet]:
     return sorted(out, key=lambda n: (int(n.network_address), n.prefixlen))
 
 
+def ipset_port_members(members: Iterable[object], ip_version: int) -> list[str]:
+    """The ``hash:ip,port`` members (``10.0.0.1,tcp:8080``) of a named-port set: this IP version only."""
+    ports = sorted(m for m in members if isinstance(m, IPPort) and m.addr.version == ip_version)
+    return [f"{m.addr},{m.protocol}:{m.port}" for m in ports]
+
+
 # -- marks ------------------------------------------------------------------------------------------
 def scratch_marks(marks: Marks) -> tuple[int, int]:
-    """The two scratch bits for match blocks: the next two bits above accept and pass (Felix <= 3.29:
-    0x40000 and 0x80000 for the default marks)."""
+    """The two scratch bits for match blocks: the next two bits above accept, pass and drop (Felix 3.30+:
+    0x80000 and 0x100000 for the default marks)."""
     marks.validate()
-    top = max(marks.accept, marks.pass_)
+    top = max(marks.accept, marks.pass_, marks.drop)
     s0, s1 = top << 1, top << 2
     if s1 >= 2**32:
         raise PolicyRenderError("no room for the scratch mark bits above the accept and pass bits")
@@ -201,7 +216,7 @@ def _no_mark(bit: int) -> str:
 
 def _all_bits(opts: RenderOptions) -> int:
     s0, s1 = scratch_marks(opts.marks)
-    return opts.marks.both | s0 | s1
+    return opts.marks.verdicts | s0 | s1
 
 
 # -- one rule -----------------------------------------------------------------------------------------
@@ -270,7 +285,8 @@ def _action(rule: Rule, opts: RenderOptions) -> list[str]:
     if rule.action == ACTION_PASS:
         return [_set_mark(m.pass_), f"{_has_mark(m.pass_)} -j RETURN"]
     if rule.action == ACTION_DENY:
-        return ["-j DROP"]
+        # Felix 3.30+: the endpoint chain that jumped here drops it, so the drop can name the pod.
+        return [_set_mark(m.drop), f"{_has_mark(m.drop)} -j RETURN"]
     prefix = opts.log_prefix.encode()[:MAX_LOG_PREFIX].decode(errors="ignore")
     return [f'-j LOG --log-prefix "{prefix}" --log-level 5']
 
@@ -282,10 +298,10 @@ class _Block:
 
 
 def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTIONS) -> list[str]:
-    """iptables rule specs for one policy rule; ``[]`` when it cannot match in this IP version or only
-    through named ports. Same acceptance and semantics as :func:`policy_render.render_rule` (named
-    ports: Allow/Pass/Log keep only numeric ports, Deny widens). Matches follow Calico's order: protocol,
-    source net, source set, source ports, destination net, set, ports, ICMP, then the negations."""
+    """iptables rule specs for one policy rule; ``[]`` when it cannot match in this IP version. Same
+    acceptance and semantics as :func:`policy_render.render_rule` (named ports: ``hash:ip,port`` sets,
+    ORed with the numeric ports through a match block). Matches follow Calico's order: protocol, source
+    net, source set, source ports, destination net, set, ports, ICMP, then the negations."""
     _check_direction(direction)
     if rule.action not in ACTIONS:
         raise PolicyRenderError(f"invalid rule action {rule.action!r}")
@@ -298,7 +314,6 @@ def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTION
     not_proto = _proto(rule.not_protocol, "notProtocol")
     if (proto in _ICMP4 and v == 6) or (proto in _ICMP6 and v == 4):
         return []
-    widen = rule.action == ACTION_DENY
 
     icmp_fields = (rule.icmp_type, rule.icmp_code, rule.not_icmp_type, rule.not_icmp_code)
     if any(f is not None for f in icmp_fields):
@@ -345,16 +360,19 @@ def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTION
         for p in (*named, *not_named):
             if not p:
                 raise PolicyRenderError(f"{what}: empty named port")
-        if named and not widen and not numeric:
-            return False
-        if numeric and not (named and widen):
-            groups = _port_groups(numeric, what + " ports")
-            if len(groups) == 1:
-                parts.append(f"-m multiport {ports_opt} {groups[0]}")
-            else:
-                blocks.append(_Block(False, [f"{proto_match} -m multiport {ports_opt} {g}" for g in groups]))
-        if not_named and not widen:
-            return False
+        try:
+            pos_sets = side_named_port_sets(e, rule.protocol, negated=False)
+            neg_sets = side_named_port_sets(e, rule.protocol, negated=True)
+        except SelectorError as err:
+            raise PolicyRenderError(f"{what}: invalid selector: {err}") from None
+        # Numeric port groups and named-port sets (hash:ip,port matched on "dst,dst") are alternatives.
+        groups = _port_groups(numeric, what + " ports") if numeric else []
+        alts = [f"-m multiport {ports_opt} {g}" for g in groups]
+        alts += [f"-m set --match-set {ipset_name(s.set_id, v)} {set_dir},{set_dir}" for s in pos_sets]
+        if len(alts) == 1:
+            parts.append(alts[0])
+        elif alts:
+            blocks.append(_Block(False, [f"{proto_match} {a}" for a in alts]))
         not_nets = _nets_for(e.not_nets, v, what + " notNets")
         if len(not_nets) == 1:
             negs.append(f"! {flag} {not_nets[0]}")
@@ -368,6 +386,7 @@ def render_rule(rule: Rule, direction: str, opts: RenderOptions = DEFAULT_OPTION
                 negs.append(f"-m multiport ! {ports_opt} {groups[0]}")
             else:
                 blocks.append(_Block(True, [f"{proto_match} -m multiport {ports_opt} {g}" for g in groups]))
+        negs.extend(f"-m set ! --match-set {ipset_name(s.set_id, v)} {set_dir},{set_dir}" for s in neg_sets)
         return True
 
     if not side(rule.source, "--source", "src", "--source-ports", "source"):
@@ -414,14 +433,13 @@ def _rules_chain(header: str, rules: Sequence[Rule], direction: str, opts: Rende
     out: list[IptRule] = []
     for r in rules:
         notes = [f"{k}={v}" for k, v in r.metadata]
-        if uses_named_ports(r):
-            notes.append("named ports not resolved")
         for text in render_rule(r, direction, opts):
             comment = "; ".join(([header] if not out else []) + notes)
             out.append(IptRule(text, _clean_comment(comment)))
     # Falling off the end of a chain is a return: Felix trims a trailing return on the verdict mark.
     m = opts.marks
-    if out and out[-1].text in (f"{_has_mark(m.accept)} -j RETURN", f"{_has_mark(m.pass_)} -j RETURN") \
+    if out and out[-1].text in (f"{_has_mark(m.accept)} -j RETURN", f"{_has_mark(m.pass_)} -j RETURN",
+                                f"{_has_mark(m.drop)} -j RETURN") \
             and len(out) > 1:
         out.pop()
     return out
@@ -451,46 +469,79 @@ def profile_chains(profile: Profile, opts: RenderOptions = DEFAULT_OPTIONS) -> l
 
 def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions = DEFAULT_OPTIONS, *,
                           available: Callable[[str], bool] | None = None,
-                          staged: Callable[[PolicyKey], bool] | None = None) -> list[IptRule]:
-    """Calico's ``cali-tw-``/``cali-fw-`` chain (calico-compat 1.6); ``available``/``staged`` as in the
-    nft renderer (missing chains are left out, the tier still ends in its drop)."""
+                          staged: Callable[[PolicyKey], bool] | None = None,
+                          drops: dict[str, DropKey] | None = None) -> list[IptRule]:
+    """Calico's ``cali-tw-``/``cali-fw-`` chain (calico-compat 1.6); ``available``/``staged``/``drops`` as
+    in the nft renderer (missing chains are left out, the tier still ends in its drop). A drop rule's
+    comment starts with ``drop:<counter name>``, which is how :func:`read_drop_counters` finds its packet
+    counts in ``iptables-save -c``; the optional log rule's prefix is cut to the LOG target's 29 bytes
+    (the pod's namespace/name first), the comment of the drop rule below it names the policy."""
     _check_direction(direction)
     m = opts.marks
     has = available or (lambda _c: True)
     is_staged = staged or (lambda _k: False)
+    points = _drop_points(ep, direction, has, is_staged, policy_chain_name, profile_chain_name)
+
+    def counted_drop(match: str, key: DropKey, what: str, comment: str) -> list[IptRule]:
+        name = drop_counter_name(key)
+        if drops is not None:
+            drops[name] = key
+        rules = []
+        if opts.log_drops:
+            prefix = drop_log_prefix(ep, what, MAX_LOG_PREFIX)
+            rules.append(IptRule(f"{match} -m limit --limit {opts.drop_log_rate}/sec --limit-burst "
+                                 f'{opts.drop_log_rate * 2} -j LOG --log-prefix "{prefix}" --log-level 4'.strip()))
+        rules.append(IptRule(f"{match} -j DROP".strip(), _clean_comment(f"drop:{name}; {comment}")))
+        return rules
+
     out = [IptRule("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")]
     if opts.drop_invalid:
         out.append(IptRule("-m conntrack --ctstate INVALID -j DROP"))
-    out.append(IptRule(_clear_mark(m.both)))
+    out.append(IptRule(_clear_mark(m.verdicts)))
     if direction == EGRESS:
         if not opts.allow_vxlan_from_workloads:
             out.append(IptRule(f"-p udp -m multiport --destination-ports {opts.vxlan_port} -j DROP",
                                "Drop VXLAN encapped packets originating in workloads"))
         if not opts.allow_ipip_from_workloads:
             out.append(IptRule("-p 4 -j DROP", "Drop IPinIP encapped packets originating in workloads"))
-    for tier in ep.tiers:
-        if tier.default_action not in (ACTION_DENY, ACTION_PASS):
-            raise PolicyRenderError(f"tier {tier.name}: invalid default action {tier.default_action!r}")
-        keys = [k for k in (tier.ingress if direction == INGRESS else tier.egress) if not is_staged(k)]
-        if not keys:
-            continue
-        out.append(IptRule(_clear_mark(m.pass_), _clean_comment(f"Start of tier {tier.name}")))
-        for k in keys:
-            chain = policy_chain_name(k, direction)
-            if not has(chain):
-                continue
-            out.append(IptRule(f"{_no_mark(m.pass_)} -j {chain}"))
+    for kind, item, key in points:
+        if kind == "tier":
+            assert isinstance(item, TierPolicies)
+            out.append(IptRule(_clear_mark(m.pass_), _clean_comment(f"Start of tier {item.name}")))
+        elif kind == "policy":
+            assert isinstance(item, PolicyKey)
+            out.append(IptRule(f"{_no_mark(m.pass_)} -j {policy_chain_name(item, direction)}"))
+            out += counted_drop(_has_mark(m.drop), key, item.id, f"Drop if policy {item.id} denied")
             out.append(IptRule(f"{_has_mark(m.accept)} -j RETURN", "Return if policy accepted"))
-        if tier.default_action != ACTION_PASS:
-            out.append(IptRule(f"{_no_mark(m.pass_)} -j DROP",
-                               _clean_comment(f"End of tier {tier.name}. Drop if no policies passed packet")))
-    for name in ep.profiles:
-        chain = profile_chain_name(name, direction)
-        if not has(chain):
+        elif kind == "endtier":
+            assert isinstance(item, TierPolicies)
+            out += counted_drop(_no_mark(m.pass_), key, f"tier {item.name} end",
+                                f"End of tier {item.name}. Drop if no policies passed packet")
+        elif kind == "profile":
+            assert isinstance(item, str)
+            out.append(IptRule(f"-j {profile_chain_name(item, direction)}"))
+            out += counted_drop(_has_mark(m.drop), key, f"profile {item}", f"Drop if profile {item} denied")
+            out.append(IptRule(f"{_has_mark(m.accept)} -j RETURN", "Return if profile accepted"))
+        else:
+            out += counted_drop("", key, "no profile", "Drop if no profiles matched")
+    return out
+
+
+_DROP_COMMENT_RE = re.compile(r'^\[(\d+):(\d+)\] -A \S+ .*--comment "?drop:(cali-drop-[a-z0-9]+)')
+
+
+def read_drop_counters(save_output: str) -> dict[str, tuple[int, int]]:
+    """Per drop counter name, the (packets, bytes) of its rules summed over every endpoint chain, from
+    ``iptables-save -c`` output."""
+    out: dict[str, tuple[int, int]] = {}
+    for line in save_output.splitlines():
+        if "drop:cali-drop-" not in line:
             continue
-        out.append(IptRule(f"-j {chain}"))
-        out.append(IptRule(f"{_has_mark(m.accept)} -j RETURN", "Return if profile accepted"))
-    out.append(IptRule("-j DROP", "Drop if no profiles matched"))
+        mt = _DROP_COMMENT_RE.match(line)
+        if mt is None:
+            continue
+        p, b = out.get(mt.group(3), (0, 0))
+        out[mt.group(3)] = (p + int(mt.group(1)), b + int(mt.group(2)))
     return out
 
 

@@ -12,6 +12,7 @@ the addresses of every endpoint and network set (cluster-wide) the selector matc
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
@@ -131,17 +132,94 @@ class NetworkSet:
 def selector_set_id(selector: str) -> str:
     """The IP set for an effective selector: 's:' + 22 base32 chars of sha256 of the normalised text.
     (The calculator normalises through felixpy.model.selector before calling this.)"""
-    digest = hashlib.sha256(selector.encode()).digest()
-    import base64
+    return "s:" + _hash22(selector)
 
-    return "s:" + base64.b32encode(digest).decode().lower().rstrip("=")[:22]
+
+def _hash22(text: str) -> str:
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode().lower().rstrip("=")[:22]
+
+
+# -- named ports (Calico's named-port IP sets, felix/calc/rule_scanner.go) ---------------------------------
+NAMED_PORT_PROTOCOLS = ("tcp", "udp", "sctp")
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    """A named port of an endpoint (a pod's containerPort with a name, or a HostEndpoint's ``ports``)."""
+
+    name: str
+    protocol: str  # "tcp" | "udp" | "sctp"
+    port: int
+
+
+@dataclass(frozen=True, order=True)
+class IPPort:
+    """A member of a named-port IP set: (address, protocol, port), as ipset hash:ip,port holds it."""
+
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address
+    protocol: str  # "tcp" | "udp" | "sctp"
+    port: int
+
+
+SetMember = IPNet | IPPort
+
+
+def named_port_protocol(rule_protocol: str | None) -> str:
+    """The protocol a rule's named ports are looked up with: the rule's if UDP or SCTP, else TCP (Calico:
+    a named port rule needs a port protocol anyway, and TCP is its fallback)."""
+    p = (rule_protocol or "").strip().lower()
+    if p in ("udp", "17"):
+        return "udp"
+    if p in ("sctp", "132"):
+        return "sctp"
+    return "tcp"
+
+
+def named_port_set_id(selector: str, protocol: str, name: str) -> str:
+    """The IP set of the endpoints matching canonical ``selector`` ("all()" when the rule side has none)
+    that have a port ``name`` of ``protocol``: 'n:' + 22 base32 chars."""
+    return "n:" + _hash22(f"{selector}\x00{protocol}\x00{name}")
+
+
+@dataclass(frozen=True)
+class NamedPortSet:
+    """What a named-port IP set holds: endpoints matching ``selector`` with port ``name``/``protocol``."""
+
+    set_id: str
+    selector: str  # canonical
+    protocol: str
+    name: str
+
+
+def side_named_port_sets(side: EntityMatch, rule_protocol: str | None, *, negated: bool) -> list[NamedPortSet]:
+    """The named-port sets of one rule side: of its ``ports`` (negated=False) or ``not_ports``. As in
+    Calico, both are filtered by the side's positive selector (the rule can only match when it matches),
+    or by ``all()`` when it has none. Raises SelectorError on a bad selector."""
+    from felixpy.model.selector import parse_selector  # the selector module does not import this one
+
+    names = [p for p in (side.not_ports if negated else side.ports) if isinstance(p, str)]
+    if not names:
+        return []
+    sel = parse_selector(side.selector or "all()").text
+    proto = named_port_protocol(rule_protocol)
+    out: list[NamedPortSet] = []
+    for n in dict.fromkeys(names):
+        out.append(NamedPortSet(named_port_set_id(sel, proto, n), sel, proto, n))
+    return out
+
+
+def rule_named_port_sets(rule: Rule) -> list[NamedPortSet]:
+    return [s for side in (rule.source, rule.destination) for neg in (False, True)
+            for s in side_named_port_sets(side, rule.protocol, negated=neg)]
 
 
 # --- calculation-layer output for policy (dataplane messages; wired into felixpy.calc.messages later) ---
 @dataclass(frozen=True)
 class IPSetUpdate:
-    set_id: str  # selector_set_id(...) or a named-port set id chosen by the calculator
-    members: frozenset[IPNet]  # full membership (addresses as /32 or /128, network-set CIDRs as given)
+    set_id: str  # selector_set_id(...) or named_port_set_id(...)
+    # Full membership: selector sets hold networks (addresses as /32 or /128, network-set CIDRs as given),
+    # named-port sets hold IPPort members.
+    members: frozenset[SetMember]
 
 
 @dataclass(frozen=True)
@@ -155,8 +233,8 @@ class IPSetDeltaUpdate:
     deltas): apply ``removed`` and ``added`` to the previous membership."""
 
     set_id: str
-    added: frozenset[IPNet]
-    removed: frozenset[IPNet]
+    added: frozenset[SetMember]
+    removed: frozenset[SetMember]
 
 
 @dataclass(frozen=True)
@@ -199,6 +277,7 @@ class EndpointPolicyUpdate:
     iface: str
     tiers: tuple[TierPolicies, ...]
     profiles: tuple[str, ...]
+    name: str = ""  # what logs call it: "<namespace>/<pod>" ("" = use ``endpoint``)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ What this module does on top of field-by-field validation, following Calico's sy
 * **Kubernetes NetworkPolicy** (kind ``KubernetesNetworkPolicy`` carrying the k8s spec, as
   :func:`felixpy.datastore.conversion.k8s_network_policy_to_resource` stores it) is first converted the
   way Calico's ``K8sNetworkPolicyToCalico`` does (order 1000, tier default, one Allow rule per
-  protocol x peer, types from ``policyTypes`` defaulting to Ingress). A k8s rule that cannot be converted
+  protocol x peer, types from ``policyTypes``; when that is missing, Kubernetes' default: Ingress, plus
+  Egress if there are egress rules). A k8s rule that cannot be converted
   is dropped with a warning, as Calico does; since every k8s rule is an Allow, that fails closed.
 * **Types default** (clientv3 ``defaultPolicyTypesField``): no egress rules -> Ingress; egress rules but
   no ingress rules -> Egress; both -> Ingress and Egress.
@@ -50,8 +51,10 @@ from felixpy.model.policy import (
     LABEL_NAMESPACE,
     LABEL_ORCHESTRATOR,
     LABEL_SERVICEACCOUNT,
+    NAMED_PORT_PROTOCOLS,
     NS_LABEL_PREFIX,
     SA_LABEL_PREFIX,
+    EndpointPort,
     EntityMatch,
     IPNet,
     NetworkSet,
@@ -75,6 +78,7 @@ __all__ = [
     "STAGED_NAME_PREFIX",
     "TIER_DEFAULT_ORDERS",
     "endpoint_labels",
+    "endpoint_ports",
     "parse_network_set",
     "parse_policy",
     "parse_profile",
@@ -630,7 +634,11 @@ def _k8s_spec_to_v3(spec: dict[str, Any], namespace: str, warnings: list[str] | 
             types.append(t)
         elif t not in (INGRESS, EGRESS) and warnings is not None:
             warnings.append(f"spec.policyTypes[{i}]: ignored unknown policy type {t!r}")
-    # K8s semantics: no policyTypes means Ingress only (not the v3 rule-based default).
+    if not _list(spec.get("policyTypes"), "spec.policyTypes"):
+        # Kubernetes' defaulting (the API server fills it in, but a policy stored without it, e.g. in
+        # etcd or by an old client, must mean the same): Ingress always, Egress if it has egress rules.
+        types = [INGRESS, EGRESS] if _list(spec.get("egress"), "spec.egress") else [INGRESS]
+    # Calico's K8sNetworkPolicyToCalico: only unknown types given means Ingress.
     out["types"] = [t for t in (INGRESS, EGRESS) if t in types] or [INGRESS]
     return out
 
@@ -793,6 +801,29 @@ def parse_network_set(res: Resource, global_: bool) -> NetworkSet:
     except InvalidResource as e:
         raise InvalidResource(f"{label}: {e}") from None
     return NetworkSet(namespace=namespace, name=name, labels=tuple(sorted(labels.items())), nets=nets)
+
+
+def endpoint_ports(res: Resource) -> tuple[EndpointPort, ...]:
+    """The named ports of a WorkloadEndpoint or HostEndpoint (``spec.ports``: name, protocol, port).
+    Entries without a name (hostPort-only ones), with another protocol or malformed are skipped: they can
+    never be named in a rule, and one bad entry must not cost the endpoint its other ports."""
+    spec = res.get("spec") if isinstance(res, dict) else None
+    raw = spec.get("ports") if isinstance(spec, dict) else None
+    if not isinstance(raw, list):
+        return ()
+    out: dict[EndpointPort, None] = {}
+    for p in raw:
+        if not isinstance(p, dict):
+            continue
+        name, proto, port = p.get("name"), p.get("protocol"), p.get("port")
+        proto_text = str(proto or "TCP").strip().lower()
+        proto_text = {"6": "tcp", "17": "udp", "132": "sctp"}.get(proto_text, proto_text)
+        if not isinstance(name, str) or not _PORT_NAME_RE.match(name) or proto_text not in NAMED_PORT_PROTOCOLS:
+            continue
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            continue
+        out[EndpointPort(name, proto_text, port)] = None  # two containers may share a name: both count
+    return tuple(out)
 
 
 def endpoint_labels(wep_labels: Mapping[str, str], profiles: Sequence[Profile]) -> dict[str, str]:

@@ -10,8 +10,6 @@ when nothing at all came back (a policy drops, it never rejects).
 The iptables backend is selected with ``FELIX_NFTABLESMODE=Disabled``; when the agent refuses to run policy
 on it (it exits at start-up saying so), that backend's tests are skipped with the agent's own words.
 
-Known gap: named ports are not resolved by the agent yet, so that scenario is a strict xfail: it starts
-failing as XPASS (and should lose its mark) once they are.
 """
 
 from __future__ import annotations
@@ -398,8 +396,6 @@ def test_egress_to_cidr(world: World) -> None:
     _scenario(world, [pol], expect)
 
 
-@pytest.mark.xfail(strict=True, reason="named ports are not resolved by the agent yet (known gap): a rule "
-                                       "with only named ports is left out, so the named port stays blocked")
 def test_named_ports(world: World) -> None:
     """ttx admits TCP to "web-alt" only: 8081 on xweb, 8082 on xdb, nothing on xcli (no such port)."""
     pol = knp("web-alt-only", "ttx", {"podSelector": {}, "policyTypes": ["Ingress"],

@@ -291,3 +291,28 @@ def test_a_stale_cache_costs_one_failed_apply_then_heals(ns: str, shim: Nft) -> 
     assert t.errors == {}
     st = t.apply()
     assert st.resynced and st.chains_written == 1 and len(rules(ns, "x")) == 2
+
+
+def test_named_counters(ns: str, shim: Nft) -> None:
+    """Counters are created before and deleted after the chains that use them; a chain using a counter that
+    is not desired waits; a restart adopts them; read_counters reads them in one call."""
+    t = NftTable(shim, removals_allowed=True)
+    t.set_chain("c", ['meta l4proto icmp counter name "cali-drop-x" drop'])
+    assert t.apply().failed == {"c": "refers to counter cali-drop-x which is not desired"}
+    t.set_counter("cali-drop-x")
+    assert t.apply().failed == {}
+    assert [o["counter"]["name"] for o in listing(ns) if "counter" in o] == ["cali-drop-x"]
+    assert t.read_counters() == {"cali-drop-x": (0, 0)}
+    # A restart adopts the counter and the chain: nothing is written.
+    t2 = NftTable(shim, removals_allowed=True)
+    t2.set_counter("cali-drop-x")
+    t2.set_chain("c", ['meta l4proto icmp counter name "cali-drop-x" drop'])
+    assert t2.apply().commands == 0
+    # Removing the counter while the chain still uses it: the chain is kept as it is, the counter too.
+    t2.remove_counter("cali-drop-x")
+    stats = t2.apply()
+    assert "c" in stats.failed and [o for o in listing(ns) if "counter" in o]
+    t2.remove_chain("c")
+    assert t2.apply().failed == {}
+    assert not [o for o in listing(ns) if "counter" in o] and "c" not in chains(ns)
+    assert t2.read_counters() == {}

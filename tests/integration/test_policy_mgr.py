@@ -10,6 +10,7 @@ times out (1 s) was dropped. ICMP uses ``ping -c1 -W1`` inside the pod namespace
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -22,8 +23,10 @@ from typing import Any
 
 import pytest
 
+from felixpy import metrics
 from felixpy.dataplane.drivers.nftables import NftApplyStats, NftTable
 from felixpy.dataplane.policy_mgr import PolicyManager
+from felixpy.dataplane.policy_render import RenderOptions
 from felixpy.dataplane.shims.netns import in_netns, write_sysctl
 from felixpy.dataplane.shims.nft import Nft
 from felixpy.model.policy import (
@@ -38,6 +41,7 @@ from felixpy.model.policy import (
     ActiveProfileUpdate,
     EndpointPolicyUpdate,
     EntityMatch,
+    IPPort,
     IPSetUpdate,
     Policy,
     PolicyKey,
@@ -45,6 +49,7 @@ from felixpy.model.policy import (
     Profile,
     Rule,
     TierPolicies,
+    named_port_set_id,
     selector_set_id,
 )
 from felixpy.model.selector import parse_selector
@@ -266,3 +271,111 @@ def test_incremental_update_and_restart(lab: Lab) -> None:
     stats = table.apply()
     assert stats.commands == 0 and stats.deferred == 0
     assert {r["handle"] for r in lab.rules_json()} == set(after)
+
+
+def named_ports_scenario(lab: Any, fresh: Callable[[list[object]], int] | None = None) -> None:
+    """Named ports through named-port sets (shared by the nft and iptables suites): A's "web" is 9090, B's
+    is 8080, so one rule opens a different port on each."""
+    a, b = PODS["a"], PODS["b"]
+    lab.send(ActiveProfileUpdate(PROFILE), endpoint("a"), endpoint("b"))
+    key = PolicyKey(KIND_KNP, "ns1", "named")
+    web = named_port_set_id("all()", "tcp", "web")
+    tiers = (TierPolicies("default", "Deny", (key,), ()),)
+
+    def pol(*rules: Rule) -> Policy:
+        return Policy(key, "default", 1, "all()", (INGRESS,), ingress=rules)
+
+    def members(a_port: int) -> IPSetUpdate:
+        return IPSetUpdate(web, frozenset({IPPort(ipaddress.ip_address(a), "tcp", a_port),
+                                           IPPort(ipaddress.ip_address(b), "tcp", 8080)}))
+
+    only_web = pol(Rule(ACTION_ALLOW, protocol="TCP", destination=EntityMatch(ports=("web",))))
+    msgs: list[object] = [members(9090), ActivePolicyUpdate(only_web), endpoint("a", tiers), endpoint("b", tiers)]
+    lab.send(*msgs)
+    assert lab.tcp("b", a, 9090) and not lab.tcp("b", a, 8080)
+    assert lab.tcp("a", b, 8080) and not lab.tcp("a", b, 9090)
+    if fresh is not None:
+        assert fresh([ActiveProfileUpdate(PROFILE), *msgs]) == 0, "a restart rewrote the named-port set"
+    # The endpoint's port changes: only the set changes.
+    lab.send(members(8080))
+    assert lab.tcp("b", a, 8080) and not lab.tcp("b", a, 9090)
+    # Numeric and named ports together are alternatives.
+    lab.send(members(9090), ActivePolicyUpdate(pol(Rule(ACTION_ALLOW, protocol="TCP", destination=EntityMatch(
+        ports=(PortRange(7000, 7000), "web", PortRange(8080, 8080)))))))
+    assert lab.tcp("b", a, 9090) and lab.tcp("b", a, 8080)
+    # A negated named port: deny every TCP port but "web", then allow.
+    lab.send(ActivePolicyUpdate(pol(Rule(ACTION_DENY, protocol="TCP", destination=EntityMatch(not_ports=("web",))),
+                                    Rule(ACTION_ALLOW))))
+    assert lab.tcp("b", a, 9090) and not lab.tcp("b", a, 8080)
+    assert lab.tcp("a", b, 8080) and not lab.tcp("a", b, 9090)
+
+
+def test_named_ports(lab: Lab) -> None:
+    def fresh(msgs: list[object]) -> int:
+        table = NftTable(Nft(lab.path(lab.node)), removals_allowed=True)
+        mgr = PolicyManager(table)
+        for m in msgs:
+            mgr.on_update(m)
+        mgr.complete_deferred_work()
+        return table.apply().commands
+
+    named_ports_scenario(lab, fresh)
+
+
+@contextlib.contextmanager
+def netns_logging() -> Iterator[None]:
+    """Kernel log lines from non-init namespaces (net.netfilter.nf_log_all_netns=1), old value restored."""
+    path = "/proc/sys/net/netfilter/nf_log_all_netns"
+    with open(path) as f:
+        old = f.read().strip()
+    with open(path, "w") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
+
+
+def kernel_log_lines(marker: str) -> list[str]:
+    p = subprocess.run(["dmesg"], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot read the kernel log: {p.stderr.strip()}")
+    return [ln for ln in p.stdout.splitlines() if marker in ln]
+
+
+def drops_scenario(lab: Any, make_mgr: Callable[[RenderOptions], PolicyManager], log_prefix_limit: int) -> None:
+    """Denied traffic is counted per (tier, policy, direction), exported as metrics, and logged with the
+    pod and the policy (shared by the nft and iptables suites)."""
+    lab.mgr = make_mgr(RenderOptions(log_drops=True))
+    a, b = PODS["a"], PODS["b"]
+    name = f"n{secrets.token_hex(2)}/pod-a"  # unique in the kernel log
+    key = PolicyKey(KIND_KNP, "ns1", "no-ping")
+    pol = Policy(key, "default", 1, "all()", (INGRESS,), ingress=(
+        Rule(ACTION_DENY, protocol="ICMP"), Rule(ACTION_ALLOW, protocol="TCP", destination=EntityMatch(
+            ports=(PortRange(8080, 8080),)))))
+    ep_a = EndpointPolicyUpdate("ns1/pod-a", "calia", (TierPolicies("default", "Deny", (key,), ()),), ("kns.ns1",),
+                                name=name)
+    with netns_logging():
+        lab.send(ActiveProfileUpdate(PROFILE), ActivePolicyUpdate(pol), ep_a, endpoint("b"))
+        assert all(v == (0, 0) for v in lab.mgr.drop_counters().values())
+        assert not lab.ping("b", a) and not lab.ping("b", a)
+        assert lab.tcp("b", a, 8080)
+        assert not lab.tcp("b", a, 9090)
+        assert lab.ping("a", b)  # nothing selects B's ingress or A's egress
+        counts = lab.mgr.drop_counters()
+        assert counts[("default", "knp/ns1/no-ping", "ingress")][0] == 2, counts
+        assert counts[("default", "end-of-tier", "ingress")][0] >= 1, counts  # the SYN (and retransmits)
+        assert counts[("", "no-profile-matched", "egress")] == (0, 0)
+        lab.mgr.publish_drop_metrics()
+        exported = [ln for ln in metrics.render().decode().splitlines()
+                    if ln.startswith("felixpy_policy_dropped_packets{") and 'policy="knp/ns1/no-ping"' in ln
+                    and 'direction="ingress"' in ln and 'tier="default"' in ln]
+        assert len(exported) == 1 and exported[0].endswith(" 2.0"), exported
+        prefix = f"calico-drop {name} knp/ns1/no-ping ingress: "[:log_prefix_limit]
+        lines = kernel_log_lines(prefix)
+    assert len(lines) >= 2 and all("PROTO=ICMP" in ln for ln in lines), lines
+
+
+def test_drops_counted_and_logged(lab: Lab) -> None:
+    drops_scenario(lab, lambda opts: PolicyManager(lab.table, options=opts), 127)

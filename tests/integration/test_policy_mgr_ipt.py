@@ -48,6 +48,7 @@ from felixpy.model.policy import (
     selector_set_id,
 )
 from felixpy.model.selector import parse_selector
+from tests.integration.test_policy_mgr import drops_scenario, named_ports_scenario
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
@@ -337,3 +338,22 @@ def test_incremental_update_and_restart(lab: Lab) -> None:
     assert all(s.transactions == 0 and s.deferred == 0 for s in stats_all.values())
     assert not_rewritten(snapshot, lab.save(counters=True))
     assert lab.tcp("b", PODS["a"], 9090) and not lab.tcp("c", PODS["a"], 9090)
+
+
+def test_named_ports(lab: Lab) -> None:
+    """The nft suite's named-port scenario on hash:ip,port ipsets; a restart changes no set member."""
+    def fresh(msgs: list[object]) -> int:
+        dp = new_dataplane(lab.node, lab.backend)
+        mgr = PolicyManager(dp)
+        for m in msgs:
+            mgr.on_update(m)
+        mgr.complete_deferred_work()
+        assert dp.ipsets is not None
+        return dp.ipsets.apply_updates() + sum(s.transactions for s in dp.apply().values())
+
+    named_ports_scenario(lab, fresh)
+
+
+def test_drops_counted_and_logged(lab: Lab) -> None:
+    """The nft suite's drop scenario: rule comments and iptables-save -c counters; LOG's 29-byte prefix."""
+    drops_scenario(lab, lambda opts: PolicyManager(lab.dp, options=opts), 29)

@@ -39,6 +39,7 @@ from felixpy.model.policy import (
     PolicyKey,
     Profile,
     Rule,
+    SetMember,
     Tier,
     TierPolicies,
     selector_set_id,
@@ -86,7 +87,7 @@ class Dataplane:
     """Applies messages one at a time and asserts that nothing ever refers to something missing."""
 
     def __init__(self) -> None:
-        self.sets: dict[str, frozenset[IPNet]] = {}
+        self.sets: dict[str, frozenset[SetMember]] = {}
         self.policies: dict[PolicyKey, Policy] = {}
         self.profiles: dict[str, Profile] = {}
         self.endpoints: dict[str, EndpointPolicyUpdate] = {}

@@ -93,11 +93,17 @@ def test_k8s_default_deny_egress_and_both() -> None:
     assert knp({"podSelector": {}, "policyTypes": ["Egress", "Ingress"]}).types == (INGRESS, EGRESS)
 
 
-def test_k8s_no_policy_types_means_ingress_only() -> None:
-    # Even with egress rules: old clusters had no policyTypes, and k8s then means Ingress.
+def test_k8s_no_policy_types_defaults_as_kubernetes() -> None:
+    # The API server's defaulting: Ingress always, Egress when there are egress rules.
     p = knp({"podSelector": {}, "egress": [{}]})
-    assert p.types == (INGRESS,)
+    assert p.types == (INGRESS, EGRESS)
     assert p.egress == (Rule(action=ACTION_ALLOW),)
+    assert knp({"podSelector": {}}).types == (INGRESS,)
+    assert knp({"podSelector": {}, "egress": []}).types == (INGRESS,)
+    assert knp({"podSelector": {}, "ingress": [{}]}).types == (INGRESS,)
+    assert knp({"podSelector": {}, "policyTypes": [], "egress": [{}]}).types == (INGRESS, EGRESS)
+    # Given explicitly, policyTypes wins (egress rules without Egress are inert, as in Calico).
+    assert knp({"podSelector": {}, "policyTypes": ["Ingress"], "egress": [{}]}).types == (INGRESS,)
 
 
 def test_k8s_allow_all_ingress() -> None:

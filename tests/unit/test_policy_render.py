@@ -21,12 +21,17 @@ from felixpy.dataplane.policy_render import (
     CHAIN_FROM_WL_DISPATCH,
     CHAIN_WL_TO_HOST,
     DEFAULT_OPTIONS,
+    END_OF_TIER,
     MAP_FROM_WL_DISPATCH,
     MAP_TO_WL_DISPATCH,
     MAX_CHAIN_NAME,
+    NO_PROFILE,
+    DropKey,
     PolicyRenderError,
     RenderOptions,
     dispatch_elements,
+    drop_counter_name,
+    drop_log_prefix,
     endpoint_chain_name,
     nft_set_name,
     policy_chain_name,
@@ -35,6 +40,7 @@ from felixpy.dataplane.policy_render import (
     render_policy_chain,
     render_profile_chain,
     render_rule,
+    rule_set_ids,
     set_id_for_selector,
     static_chains,
 )
@@ -64,6 +70,7 @@ from felixpy.model.policy import (
     Profile,
     Rule,
     TierPolicies,
+    named_port_set_id,
     selector_set_id,
 )
 from felixpy.model.selector import parse_selector
@@ -78,9 +85,17 @@ SEL = 'app == "client" && projectcalico.org/namespace == "ns1"'
 SET4 = nft_set_name(selector_set_id(parse_selector(SEL).text), 4)
 
 
+D = "0x00040000"
+DENY = f"meta mark set meta mark | {D} return"
+
+
 def one(rule: Rule, direction: str = INGRESS, opts: RenderOptions = DEFAULT_OPTIONS) -> str:
+    """The one rule a policy rule renders to; a Deny's mark-and-return (see test_actions) reads "drop"."""
     out = render_rule(rule, direction, opts)
     assert len(out) == 1, out
+    if rule.action == ACTION_DENY:
+        assert out[0].endswith(DENY), out
+        return (out[0].removesuffix(DENY) + "drop").strip()
     return out[0]
 
 
@@ -189,18 +204,39 @@ def test_ports() -> None:
                          destination=EntityMatch(ports=(PortRange(1, 70000),))), INGRESS)
 
 
-def test_named_ports_are_conservative() -> None:
-    mixed = EntityMatch(ports=(PortRange(80, 80), "http"))
+def _nps(selector: str, name: str, proto: str = "tcp", v: int = 4) -> str:
+    return nft_set_name(named_port_set_id(parse_selector(selector).text, proto, name), v)
+
+
+def test_named_ports_use_named_port_sets() -> None:
     only_named = EntityMatch(ports=("http",))
-    # Allow: the named alternative is left out (matches less); named only: no rule at all.
-    assert one(Rule(ACTION_ALLOW, protocol="TCP", destination=mixed)) == f"meta l4proto tcp th dport 80 {ALLOW}"
-    assert render_rule(Rule(ACTION_ALLOW, protocol="TCP", destination=only_named), INGRESS) == []
-    assert render_rule(Rule(ACTION_PASS, protocol="TCP", destination=EntityMatch(not_ports=("http",))),
-                       INGRESS) == []
-    # Deny: widened to every port (denies more), a named negation is ignored.
-    assert one(Rule(ACTION_DENY, protocol="TCP", destination=mixed)) == "meta l4proto tcp drop"
+    http_all = _nps("all()", "http")
+    assert http_all.startswith("cali40n-")
+    assert one(Rule(ACTION_ALLOW, protocol="TCP", destination=only_named)) == \
+        f"meta l4proto tcp ip daddr . meta l4proto . th dport @{http_all} {ALLOW}"
+    # The set is filtered by the side's selector; UDP rules look up UDP ports; source ports use sport.
+    assert one(Rule(ACTION_ALLOW, protocol="UDP", source=EntityMatch(selector=SEL, ports=("dns",)))) == \
+        f"meta l4proto udp ip saddr @{SET4} ip saddr . meta l4proto . th sport @{_nps(SEL, 'dns', 'udp')} {ALLOW}"
+    # Numeric and named ports are alternatives: one rule each.
+    mixed = EntityMatch(ports=(PortRange(80, 80), "http", "web"))
+    assert render_rule(Rule(ACTION_ALLOW, protocol="TCP", destination=mixed), INGRESS) == [
+        f"meta l4proto tcp th dport 80 {ALLOW}",
+        f"meta l4proto tcp ip daddr . meta l4proto . th dport @{http_all} {ALLOW}",
+        f"meta l4proto tcp ip daddr . meta l4proto . th dport @{_nps('all()', 'web')} {ALLOW}"]
+    # Two sides with alternatives: every combination.
+    both = Rule(ACTION_DENY, protocol="TCP", source=EntityMatch(ports=(PortRange(1, 2), "a")), destination=mixed)
+    assert len(render_rule(both, INGRESS)) == 6
+    # Negated named ports exclude (filtered by the positive selector, as in Calico).
     assert one(Rule(ACTION_DENY, protocol="TCP", destination=EntityMatch(
-        not_ports=("http", PortRange(22, 22))))) == "meta l4proto tcp th dport != 22 drop"
+        selector=SEL, not_ports=("http", PortRange(22, 22))))) == \
+        f"meta l4proto tcp ip daddr @{SET4} th dport != 22 " \
+        f"ip daddr . meta l4proto . th dport != @{_nps(SEL, 'http')} drop"
+    assert one(Rule(ACTION_ALLOW, protocol="TCP", destination=only_named), opts=V6) == \
+        f"meta l4proto tcp ip6 daddr . meta l4proto . th dport @{_nps('all()', 'http', v=6)} {ALLOW}"
+    # The sets a rule needs include its named-port sets.
+    r = Rule(ACTION_ALLOW, protocol="TCP", destination=EntityMatch(selector=SEL, ports=("http",)))
+    assert rule_set_ids(r) == {selector_set_id(parse_selector(SEL).text),
+                               named_port_set_id(parse_selector(SEL).text, "tcp", "http")}
 
 
 def test_icmp() -> None:
@@ -240,7 +276,7 @@ def test_policy_chain_comments() -> None:
         Rule(ACTION_DENY, ip_version=6),  # not rendered in v4: the header goes on the first real rule
         Rule(ACTION_DENY)))
     rules = render_policy_chain(pol, INGRESS)
-    assert [r.text for r in rules] == [f"meta l4proto tcp ip saddr @{SET4} th dport 80 {ALLOW}", "drop"]
+    assert [r.text for r in rules] == [f"meta l4proto tcp ip saddr @{SET4} th dport 80 {ALLOW}", DENY]
     assert rules[0].comment == "KubernetesNetworkPolicy ns1/allow-web ingress; owner=te am"
     assert rules[1].comment == ""
     assert render_policy_chain(pol, EGRESS) == []
@@ -259,30 +295,63 @@ def test_endpoint_chain_golden() -> None:
     k2 = PolicyKey(KIND_GNP, "", "baseline")
     tiers = (TierPolicies("security", "Pass", ingress=(k2,), egress=()),
              TierPolicies("default", "Deny", ingress=(KEY,), egress=(KEY,)))
-    got = [(r.text, r.comment) for r in render_endpoint_chain(ep(tiers), INGRESS)]
+    drops: dict[str, DropKey] = {}
+    got = [(r.text, r.comment) for r in render_endpoint_chain(ep(tiers), INGRESS, drops=drops)]
+    c_base, c_web = ctr("security", "gnp/baseline"), ctr("default", "knp/ns1/allow-web")
+    c_eot, c_prof, c_end = ctr("default", END_OF_TIER), ctr("", "profile/kns.ns1"), ctr("", NO_PROFILE)
+    on_d = f"meta mark & {D} == {D}"
     assert got == [
         ("ct state established,related accept", ""),
         ("ct state invalid drop", ""),
-        ("meta mark set meta mark & 0xfffcffff", ""),
+        ("meta mark set meta mark & 0xfff8ffff", ""),
         ("meta mark set meta mark & 0xfffdffff", "Start of tier security"),
         (f"meta mark & {P} == 0 jump filter-cali-pi-gnp/baseline", ""),
+        (f'{on_d} counter name "{c_base}" drop', "Drop if policy gnp/baseline denied"),
         (f"meta mark & {A} == {A} return", "Return if policy accepted"),
         ("meta mark set meta mark & 0xfffdffff", "Start of tier default"),
         (f"meta mark & {P} == 0 jump filter-cali-pi-knp/ns1/allow-web", ""),
+        (f'{on_d} counter name "{c_web}" drop', "Drop if policy knp/ns1/allow-web denied"),
         (f"meta mark & {A} == {A} return", "Return if policy accepted"),
-        (f"meta mark & {P} == 0 drop", "End of tier default. Drop if no policies passed packet"),
+        (f'meta mark & {P} == 0 counter name "{c_eot}" drop',
+         "End of tier default. Drop if no policies passed packet"),
         ("jump filter-cali-pri-kns.ns1", ""),
+        (f'{on_d} counter name "{c_prof}" drop', "Drop if profile kns.ns1 denied"),
         (f"meta mark & {A} == {A} return", "Return if profile accepted"),
-        ("drop", "Drop if no profiles matched"),
+        (f'counter name "{c_end}" drop', "Drop if no profiles matched"),
     ]
+    assert drops == {c_base: ("security", "gnp/baseline", "ingress"),
+                     c_web: ("default", "knp/ns1/allow-web", "ingress"), c_eot: ("default", END_OF_TIER, "ingress"),
+                     c_prof: ("", "profile/kns.ns1", "ingress"),
+                     c_end: ("", NO_PROFILE, "ingress")}
     egress = [r.text for r in render_endpoint_chain(ep(tiers), EGRESS)]
     assert egress[3:5] == ["udp dport 4789 drop", "meta l4proto 4 drop"]
     assert "jump filter-cali-po-knp/ns1/allow-web" in egress[6]
+    assert f'counter name "{ctr("default", "knp/ns1/allow-web", "egress")}" drop' in egress[7]
     assert not any("security" in r.comment for r in render_endpoint_chain(ep(tiers), EGRESS))
     opts = RenderOptions(allow_vxlan_from_workloads=True, allow_ipip_from_workloads=True, drop_invalid=False)
     assert [r.text for r in render_endpoint_chain(ep(()), EGRESS, opts)] == [
-        "ct state established,related accept", "meta mark set meta mark & 0xfffcffff",
-        "jump filter-cali-pro-kns.ns1", f"meta mark & {A} == {A} return", "drop"]
+        "ct state established,related accept", "meta mark set meta mark & 0xfff8ffff",
+        "jump filter-cali-pro-kns.ns1",
+        f'meta mark & {D} == {D} counter name "{ctr("", "profile/kns.ns1", "egress")}" drop',
+        f"meta mark & {A} == {A} return", f'counter name "{ctr("", NO_PROFILE, "egress")}" drop']
+
+
+def ctr(tier: str, policy: str, direction: str = "ingress") -> str:
+    return drop_counter_name((tier, policy, direction))
+
+
+def test_endpoint_chain_logs_drops_with_pod_and_policy() -> None:
+    tiers = (TierPolicies("default", "Deny", ingress=(KEY,), egress=()),)
+    e = EndpointPolicyUpdate("ns1/node--1-k8s-pod--a-eth0", "calia", tiers, ("kns.ns1",), name="ns1/pod-a")
+    texts = [r.text for r in render_endpoint_chain(e, INGRESS, RenderOptions(log_drops=True, drop_log_rate=5))]
+    assert (f"meta mark & {D} == {D} limit rate 5/second burst 10 packets "
+            'log prefix "calico-drop ns1/pod-a knp/ns1/allow-web ingress: " level warn') in texts
+    assert (f"meta mark & {P} == 0 limit rate 5/second burst 10 packets "
+            'log prefix "calico-drop ns1/pod-a tier default end ingress: " level warn') in texts
+    # Each log rule sits right before the drop it describes.
+    i = next(i for i, t in enumerate(texts) if "knp/ns1/allow-web ingress" in t)
+    assert texts[i + 1] == f'meta mark & {D} == {D} counter name "{ctr("default", "knp/ns1/allow-web")}" drop'
+    assert len(drop_log_prefix(EndpointPolicyUpdate("n" * 200, "calia", (), ()), "x" * 50, 127).encode()) == 127
 
 
 def test_endpoint_chain_missing_and_staged() -> None:
@@ -290,7 +359,8 @@ def test_endpoint_chain_missing_and_staged() -> None:
     # A policy chain that is not there yet is left out, but the tier still drops (fails closed).
     texts = [r.text for r in render_endpoint_chain(ep(tiers), INGRESS, available=lambda c: "pri" in c)]
     assert not any("jump filter-cali-pi" in t for t in texts)
-    assert f"meta mark & {P} == 0 drop" in texts and "jump filter-cali-pri-kns.ns1" in texts
+    assert f'meta mark & {P} == 0 counter name "{ctr("default", END_OF_TIER)}" drop' in texts
+    assert "jump filter-cali-pri-kns.ns1" in texts
     # Staged: no jump and no end-of-tier drop.
     texts = [r.text for r in render_endpoint_chain(ep(tiers), INGRESS, staged=lambda k: k == KEY)]
     assert not any("0x00020000" in t for t in texts)
@@ -303,7 +373,7 @@ def test_static_and_dispatch() -> None:
     base = chains[CHAIN_BASE_FORWARD].base
     assert base is not None and (base.hook, base.priority) == ("forward", 0)
     assert [r.text for r in chains[CHAIN_FORWARD].rules] == [
-        "meta mark set meta mark & 0xfffcffff",
+        "meta mark set meta mark & 0xfff8ffff",
         'iifname "cali*" jump filter-cali-from-wl-dispatch',
         'oifname "cali*" jump filter-cali-to-wl-dispatch']
     assert [r.text for r in chains[CHAIN_FROM_WL_DISPATCH].rules] == [
@@ -393,7 +463,7 @@ def test_manager_bad_input_keeps_going() -> None:
     m.on_update(EndpointPolicyUpdate("ns1/b", "calib", (), ("kns.ns1",)))
     m.complete_deferred_work()
     assert set(m.errors) == {"policy knp/ns1/allow-web", "set no-type-prefix", "endpoint ns1/x"}
-    assert t.desired_rules("filter-cali-pi-knp/ns1/allow-web") == ("drop",)  # the last good version stays
+    assert t.desired_rules("filter-cali-pi-knp/ns1/allow-web") == (DENY,)  # the last good version stays
     assert m.endpoint_ifaces == {"calib"}
     m.on_update(ActivePolicyUpdate(pol(KEY, Rule(ACTION_ALLOW))))
     m.complete_deferred_work()

@@ -30,8 +30,10 @@ from felixpy.dataplane.policy_render_ipt import (
     hooks,
     ipset_members,
     ipset_name,
+    ipset_port_members,
     policy_chain_name,
     profile_chain_name,
+    read_drop_counters,
     render_endpoint_chain,
     render_policy_chain,
     render_profile_chain,
@@ -56,6 +58,7 @@ from felixpy.model.policy import (
     EndpointPolicyRemove,
     EndpointPolicyUpdate,
     EntityMatch,
+    IPPort,
     IPSetRemove,
     IPSetUpdate,
     Policy,
@@ -64,6 +67,7 @@ from felixpy.model.policy import (
     Profile,
     Rule,
     TierPolicies,
+    named_port_set_id,
     selector_set_id,
 )
 from felixpy.model.selector import parse_selector
@@ -74,7 +78,7 @@ SET_A = "-j MARK --set-mark 0x10000/0x10000"
 RET_A = "-m mark --mark 0x10000/0x10000 -j RETURN"
 SET_P = "-j MARK --set-mark 0x20000/0x20000"
 RET_P = "-m mark --mark 0x20000/0x20000 -j RETURN"
-S0, S1 = "0x40000", "0x80000"
+S0, S1 = "0x80000", "0x100000"
 KEY = PolicyKey(KIND_KNP, "ns1", "allow-web")
 SEL = 'app == "client" && projectcalico.org/namespace == "ns1"'
 SID = selector_set_id(parse_selector(SEL).text)
@@ -89,8 +93,17 @@ def allow(rule: Rule, opts: RenderOptions = DEFAULT_OPTIONS) -> str:
     return out[0].removesuffix(SET_A).strip()
 
 
+SET_D = "-j MARK --set-mark 0x40000/0x40000"
+RET_D = "-m mark --mark 0x40000/0x40000 -j RETURN"
+
+
 def one(rule: Rule, opts: RenderOptions = DEFAULT_OPTIONS) -> str:
+    """The one rule a policy rule renders to; a Deny's set-mark + return (see test_actions) reads "-j DROP"."""
     out = render_rule(rule, INGRESS, opts)
+    if rule.action == ACTION_DENY:
+        assert len(out) >= 2 and out[-1] == RET_D and out[-2].endswith(SET_D), out
+        out = [*out[:-2], out[-2].removesuffix(SET_D) + "-j DROP"]
+        out = [o.strip() for o in out]
     assert len(out) == 1, out
     return out[0]
 
@@ -146,12 +159,15 @@ def test_actions() -> None:
     with pytest.raises(PolicyRenderError):
         render_rule(Rule("Accept"), INGRESS)
     # Other mark bits move every mark, the scratch bits with them.
-    m = RenderOptions(marks=Marks(accept=0x100, pass_=0x200))
+    m = RenderOptions(marks=Marks(accept=0x100, pass_=0x200, drop=0x400))
     assert render_rule(Rule(ACTION_ALLOW), INGRESS, m) == ["-j MARK --set-mark 0x100/0x100",
                                                           "-m mark --mark 0x100/0x100 -j RETURN"]
-    assert scratch_marks(m.marks) == (0x400, 0x800)
+    assert scratch_marks(m.marks) == (0x800, 0x1000)
+    assert render_rule(Rule(ACTION_DENY), INGRESS, m) == ["-j MARK --set-mark 0x400/0x400",
+                                                         "-m mark --mark 0x400/0x400 -j RETURN"]
+    assert scratch_marks(DEFAULT_OPTIONS.marks) == (0x80000, 0x100000)  # Felix 3.30+
     with pytest.raises(PolicyRenderError):
-        scratch_marks(Marks(accept=0x40000000, pass_=0x80000000))
+        scratch_marks(Marks(accept=0x40000000, pass_=0x80000000, drop=0x1))
 
 
 def test_protocols() -> None:
@@ -196,7 +212,8 @@ def test_several_nets_become_match_blocks() -> None:
         f"-m mark --mark 0/{S1} -j MARK --set-mark 0/{S0}",
         f"-m mark --mark {S0}/{S0} --destination 10.65.0.0/16 -j MARK --set-mark 0/{S0}",
         f"-m mark --mark {S0}/{S0} --destination 10.67.0.0/16 -j MARK --set-mark 0/{S0}",
-        f"-p tcp -m mark --mark {S0}/{S0} -j DROP",
+        f"-p tcp -m mark --mark {S0}/{S0} {SET_D}",
+        RET_D,
     ]
 
 
@@ -225,10 +242,10 @@ def test_ports() -> None:
         + ",".join(str(p) for p in range(100, 130, 2)) + f" -j MARK --set-mark {S1}/{S1}",
         f"-m mark --mark {S0}/{S0} -p tcp -m multiport --destination-ports 130,132,134,136,138 "
         f"-j MARK --set-mark {S1}/{S1}"]
-    assert out[-1] == f"-p tcp -m mark --mark {S0}/{S0} -j DROP"
+    assert out[-2:] == [f"-p tcp -m mark --mark {S0}/{S0} {SET_D}", RET_D]
     ranges = tuple(PortRange(p, p + 1) for p in range(1000, 1040, 4))  # 10 ranges = 20 slots, negated
     out = render_rule(Rule(ACTION_DENY, protocol="TCP", destination=EntityMatch(not_ports=ranges)), INGRESS)
-    assert sum("-j MARK --set-mark 0/0x40000" in r for r in out) == 2 and out[-1].endswith("-j DROP")
+    assert sum("-j MARK --set-mark 0/0x80000" in r for r in out) == 2 and out[-1] == RET_D
     with pytest.raises(PolicyRenderError, match="ports need protocol"):
         render_rule(Rule(ACTION_ALLOW, destination=EntityMatch(ports=(PortRange(80, 80),))), INGRESS)
     for bad in (PortRange(9, 8), PortRange(1, 70000)):
@@ -236,14 +253,26 @@ def test_ports() -> None:
             render_rule(Rule(ACTION_ALLOW, protocol="TCP", destination=EntityMatch(ports=(bad,))), INGRESS)
 
 
-def test_named_ports_are_conservative() -> None:
-    mixed = EntityMatch(ports=(PortRange(80, 80), "http"))
-    assert allow(Rule(ACTION_ALLOW, protocol="TCP", destination=mixed)) == "-p tcp -m multiport --destination-ports 80"
-    assert render_rule(Rule(ACTION_ALLOW, protocol="TCP", destination=EntityMatch(ports=("http",))), INGRESS) == []
-    assert render_rule(Rule(ACTION_PASS, protocol="TCP", destination=EntityMatch(not_ports=("http",))), INGRESS) == []
-    assert one(Rule(ACTION_DENY, protocol="TCP", destination=mixed)) == "-p tcp -j DROP"
+def test_named_ports_use_hash_ip_port_sets() -> None:
+    http = ipset_name(named_port_set_id("all()", "tcp", "http"), 4)
+    assert http.startswith("cali40n:") and len(http) <= 31
+    assert allow(Rule(ACTION_ALLOW, protocol="TCP", destination=EntityMatch(ports=("http",)))) == \
+        f"-p tcp -m set --match-set {http} dst,dst"
+    dns = ipset_name(named_port_set_id("all()", "udp", "dns"), 4)
+    assert allow(Rule(ACTION_ALLOW, protocol="UDP", source=EntityMatch(ports=("dns",)))) == \
+        f"-p udp -m set --match-set {dns} src,src"
+    # Numeric and named ports are alternatives: a match block.
+    out = render_rule(Rule(ACTION_ALLOW, protocol="TCP", destination=EntityMatch(ports=(PortRange(80, 80), "http"))),
+                      INGRESS)
+    assert any("-m multiport --destination-ports 80 -j MARK --set-mark 0x100000/0x100000" in r for r in out), out
+    assert any(f"--match-set {http} dst,dst -j MARK --set-mark 0x100000/0x100000" in r for r in out), out
+    assert out[-2] == "-p tcp -m mark --mark 0x80000/0x80000 -j MARK --set-mark 0x10000/0x10000"
     assert one(Rule(ACTION_DENY, protocol="TCP", destination=EntityMatch(not_ports=("http", PortRange(22, 22))))) \
-        == "-p tcp -m multiport ! --destination-ports 22 -j DROP"
+        == f"-p tcp -m multiport ! --destination-ports 22 -m set ! --match-set {http} dst,dst -j DROP"
+    assert ipset_port_members({IPPort(ipaddress.ip_address("10.0.0.2"), "tcp", 80),
+                               IPPort(ipaddress.ip_address("10.0.0.1"), "udp", 53),
+                               IPPort(ipaddress.ip_address("fd00::1"), "tcp", 80), N("10.0.0.9/32")}, 4) == \
+        ["10.0.0.1,udp:53", "10.0.0.2,tcp:80"]
 
 
 def test_icmp() -> None:
@@ -286,7 +315,8 @@ def test_policy_chain_comments_and_trailing_return() -> None:
         (f"-p tcp -m set --match-set {SET4} src -m multiport --destination-ports 80 {SET_A}",
          "KubernetesNetworkPolicy ns1/allow-web ingress; owner=te am"),
         (RET_A, "owner=te am"),
-        ("-j DROP", ""),
+        (SET_D, ""),
+        (RET_D, ""),
         (SET_A, ""),  # the last return is trimmed: falling off the end returns
     ]
     assert render_policy_chain(pol, EGRESS) == []
@@ -305,29 +335,61 @@ def test_endpoint_chain_golden() -> None:
     k2 = PolicyKey(KIND_GNP, "", "baseline")
     tiers = (TierPolicies("security", "Pass", ingress=(k2,), egress=()),
              TierPolicies("default", "Deny", ingress=(KEY,), egress=(KEY,)))
-    got = [(r.text, r.comment) for r in render_endpoint_chain(ep(tiers), INGRESS)]
+    drops: dict[str, tuple[str, str, str]] = {}
+    got = [(r.text, r.comment) for r in render_endpoint_chain(ep(tiers), INGRESS, drops=drops)]
+    c = {k[1]: n for n, k in drops.items()}
+    on_d = "-m mark --mark 0x40000/0x40000 -j DROP"
     assert got == [
         ("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", ""),
         ("-m conntrack --ctstate INVALID -j DROP", ""),
-        ("-j MARK --set-mark 0/0x30000", ""),
+        ("-j MARK --set-mark 0/0x70000", ""),
         ("-j MARK --set-mark 0/0x20000", "Start of tier security"),
         ("-m mark --mark 0/0x20000 -j cali-pi-gnp/baseline", ""),
+        (on_d, f"drop:{c['gnp/baseline']}; Drop if policy gnp/baseline denied"),
         (RET_A, "Return if policy accepted"),
         ("-j MARK --set-mark 0/0x20000", "Start of tier default"),
         ("-m mark --mark 0/0x20000 -j cali-pi-knp/ns1/allow-web", ""),
+        (on_d, f"drop:{c['knp/ns1/allow-web']}; Drop if policy knp/ns1/allow-web denied"),
         (RET_A, "Return if policy accepted"),
-        ("-m mark --mark 0/0x20000 -j DROP", "End of tier default. Drop if no policies passed packet"),
+        ("-m mark --mark 0/0x20000 -j DROP",
+         f"drop:{c['end-of-tier']}; End of tier default. Drop if no policies passed packet"),
         ("-j cali-pri-kns.ns1", ""),
+        (on_d, f"drop:{c['profile/kns.ns1']}; Drop if profile kns.ns1 denied"),
         (RET_A, "Return if profile accepted"),
-        ("-j DROP", "Drop if no profiles matched"),
+        ("-j DROP", f"drop:{c['no-profile-matched']}; Drop if no profiles matched"),
     ]
+    assert set(drops.values()) == {("security", "gnp/baseline", "ingress"), ("default", "knp/ns1/allow-web", "ingress"),
+                                   ("default", "end-of-tier", "ingress"), ("", "profile/kns.ns1", "ingress"),
+                                   ("", "no-profile-matched", "ingress")}
     egress = [r.text for r in render_endpoint_chain(ep(tiers), EGRESS)]
     assert egress[3:5] == ["-p udp -m multiport --destination-ports 4789 -j DROP", "-p 4 -j DROP"]
     assert egress[6] == "-m mark --mark 0/0x20000 -j cali-po-knp/ns1/allow-web"
     opts = RenderOptions(allow_vxlan_from_workloads=True, allow_ipip_from_workloads=True, drop_invalid=False)
     assert [r.text for r in render_endpoint_chain(ep(()), EGRESS, opts)] == [
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", "-j MARK --set-mark 0/0x30000",
-        "-j cali-pro-kns.ns1", RET_A, "-j DROP"]
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", "-j MARK --set-mark 0/0x70000",
+        "-j cali-pro-kns.ns1", on_d, RET_A, "-j DROP"]
+    # Drop logging: a rate-limited LOG before each drop, its prefix cut to 29 bytes, pod first.
+    e = EndpointPolicyUpdate("ns1/x", "calia", tiers, ("kns.ns1",), name="ns1/pod-a")
+    texts = [r.text for r in render_endpoint_chain(e, INGRESS, RenderOptions(log_drops=True))]
+    i = texts.index("-m mark --mark 0/0x20000 -j cali-pi-knp/ns1/allow-web")
+    assert texts[i + 1] == ('-m mark --mark 0x40000/0x40000 -m limit --limit 10/sec --limit-burst 20 -j LOG '
+                            '--log-prefix "calico-drop ns1/pod-a knp/ns1" --log-level 4')
+    assert texts[i + 2] == on_d
+
+
+def test_read_drop_counters() -> None:
+    save = "\n".join([
+        "*filter",
+        ":cali-tw-calia - [0:0]",
+        '[3:180] -A cali-tw-calia -m comment --comment "cali:abcdefghijklmnop" -m comment --comment '
+        '"drop:cali-drop-aaaa; Drop if policy x denied" -m mark --mark 0x40000/0x40000 -j DROP',
+        '[2:100] -A cali-tw-calib -m comment --comment "cali:abcdefghijklmnoq" -m comment --comment '
+        '"drop:cali-drop-aaaa; Drop if policy x denied" -m mark --mark 0x40000/0x40000 -j DROP',
+        '[7:700] -A cali-tw-calib -m comment --comment "cali:abcdefghijklmnor" -m comment --comment '
+        '"drop:cali-drop-bbbb; Drop if no profiles matched" -j DROP',
+        '[9:900] -A cali-tw-calib -m comment --comment "cali:abcdefghijklmnos" -j DROP',
+        "COMMIT"])
+    assert read_drop_counters(save) == {"cali-drop-aaaa": (5, 280), "cali-drop-bbbb": (7, 700)}
 
 
 def test_endpoint_chain_missing_and_staged() -> None:
@@ -343,7 +405,7 @@ def test_endpoint_chain_missing_and_staged() -> None:
 
 def test_static_hooks_and_dispatch() -> None:
     chains = {c.name: [r.text for r in c.rules] for c in static_chains()}
-    assert chains[CHAIN_FORWARD] == ["-j MARK --set-mark 0/0xf0000", "-i cali+ -j cali-from-wl-dispatch",
+    assert chains[CHAIN_FORWARD] == ["-j MARK --set-mark 0/0x1f0000", "-i cali+ -j cali-from-wl-dispatch",
                                      "-o cali+ -j cali-to-wl-dispatch"]
     assert chains[CHAIN_INPUT] == ["-i cali+ -g cali-wl-to-host"]
     assert chains[CHAIN_WL_TO_HOST] == ["-j cali-from-wl-dispatch", "-j ACCEPT"]
@@ -388,7 +450,7 @@ def test_manager_desired_state() -> None:
     m.on_update(EndpointPolicyUpdate("ns1/a", "calia", (TierPolicies("default", "Deny", (KEY,), ()),), ("kns.ns1",)))
     m.complete_deferred_work()
     assert m.errors == {}
-    assert sets.desired_members(SET4) == {"10.65.0.7"}  # the v6 member is not in the v4 sets
+    assert sets.desired_members(SET4) == frozenset({"10.65.0.7"})  # the v6 member is not in the v4 sets
     assert f.desired_rules("cali-pi-knp/ns1/allow-web") == (f"-m set --match-set {SET4} src {SET_A}",)
     assert "cali-po-knp/ns1/allow-web" not in f.chain_names()
     assert f.desired_rules(CHAIN_FROM_WL_DISPATCH) == ("-i calia -g cali-fw-calia", "-j DROP")
@@ -422,7 +484,7 @@ def test_manager_bad_input_keeps_going() -> None:
     m.on_update(EndpointPolicyUpdate("ns1/b", "calib", (), ("kns.ns1",)))
     m.complete_deferred_work()
     assert set(m.errors) == {"policy knp/ns1/allow-web", "set no-type-prefix", "endpoint ns1/x"}
-    assert f.desired_rules("cali-pi-knp/ns1/allow-web") == ("-j DROP",)  # the last good version stays
+    assert f.desired_rules("cali-pi-knp/ns1/allow-web") == (SET_D,)  # the last good version stays
     assert m.endpoint_ifaces == {"calib"}
 
 

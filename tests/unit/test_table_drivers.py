@@ -110,4 +110,4 @@ def test_iptables_names_and_hooks() -> None:
     with pytest.raises(ValueError, match="not IPv4"):
         s.set_ipset("cali40x", "hash:net", ["fd00::/64"])
     s.set_ipset("cali40x", "hash:net", ["10.0.0.1", "10.0.0.0/8"])
-    assert s.desired_members("cali40x") == {"10.0.0.1", "10.0.0.0/8"}  # as `ipset save` prints them
+    assert s.desired_members("cali40x") == frozenset({"10.0.0.1", "10.0.0.0/8"})  # as `ipset save` prints them

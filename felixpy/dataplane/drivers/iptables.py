@@ -309,6 +309,10 @@ class IptablesTable:
                 kc.rules.append(_KRule(m.group(1) if m else None, ours, spec, target))
         return chains
 
+    def save_with_counters(self) -> str:
+        """The table as ``iptables-save -c`` prints it (one call; for reading rule counters)."""
+        return self._ipt.save(self.table, counters=True)
+
     def _read_kernel(self) -> None:
         self._kchains = self._parse_save(self._ipt.save(self.table))
         self._dirty = set(self._chains) | set(self._hooks)

@@ -10,6 +10,9 @@ names dirty):
   sets and maps (verdict maps for dispatch). Interval sets of addresses take CIDRs; overlapping or
   adjacent CIDRs are collapsed first (the kernel refuses overlapping intervals, and membership is the same).
 - ``remove_chain`` / ``remove_set``; ``add_set_elements`` / ``remove_set_elements`` for big sets.
+- ``set_counter(name)`` / ``remove_counter(name)``: named counters, which rules use as
+  ``counter name "<name>"`` (created before, deleted after, the chains that use them);
+  ``read_counters()`` reads them all in one ``list counters`` call.
 
 Ownership: the whole table is ours (:mod:`felixpy.names`); nothing outside it is ever touched, and the
 table itself is never flushed or deleted by ``apply`` (only by an explicit :meth:`NftTable.delete_table`).
@@ -41,6 +44,7 @@ chain or set that is not desired, or that nft rejects, is left as the kernel has
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -76,6 +80,8 @@ _SET_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,254}$")  # no ":" in nft 
 _JUMP_RE = re.compile(r"\b(?:jump|goto)\s+([A-Za-z_][A-Za-z0-9_./-]*)")
 # "@name" refers to a set or map; "@th,16,8" (a raw payload base) does not.
 _SETREF_RE = re.compile(r"@([A-Za-z_][A-Za-z0-9_.-]*)(?![A-Za-z0-9_.-]|\s*,)")
+# A named counter reference; the driver tracks it like a set reference, as "%<name>".
+_COUNTERREF_RE = re.compile(r'\bcounter\s+name\s+"?([A-Za-z_][A-Za-z0-9_.-]*)"?')
 _COMMENT_WORD_RE = re.compile(r"(?<![A-Za-z0-9_-])comment(?![A-Za-z0-9_-])")
 _BAD_COMMENT_RE = re.compile(r'["\x00-\x1f]')  # quotes and control characters
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:@+*-]{1,16}$")
@@ -166,6 +172,8 @@ def check_nft_rule(text: object) -> tuple[frozenset[str], frozenset[str]]:
         raise ValueError(f"rule {text!r}: put comments in Rule.comment, the driver adds its own")
     jumps = frozenset(_JUMP_RE.findall(bare)) if "jump" in bare or "goto" in bare else _EMPTY
     sets = frozenset(_SETREF_RE.findall(bare)) if "@" in bare else _EMPTY
+    if "counter" in text:
+        sets |= {"%" + c for c in _COUNTERREF_RE.findall(text)}
     return jumps, sets
 
 
@@ -465,6 +473,8 @@ class _Plan:
     set_adds: dict[str, list[str]] = field(default_factory=dict)
     set_dels: dict[str, list[str]] = field(default_factory=dict)
     deleted_sets: set[str] = field(default_factory=set)
+    counters_added: set[str] = field(default_factory=set)
+    counters_deleted: set[str] = field(default_factory=set)
     deferred: int = 0
     new_table: bool = False
 
@@ -497,6 +507,9 @@ class NftTable:
         self._sets: dict[str, _SetSpec] = {}
         self._dirty_chains: set[str] = set()
         self._dirty_sets: set[str] = set()
+        self._counters: set[str] = set()
+        self._kcounters: set[str] = set()
+        self._dirty_counters: set[str] = set()
         # Reference key (chain name or "@set") -> desired chains ("name") and maps ("@name") referring to
         # it, so an apply re-checks only what changed and what refers to it.
         self._referrers: dict[str, set[str]] = {}
@@ -634,6 +647,39 @@ class NftTable:
             self._dirty_sets.add(name)
             self._failed.pop("@" + name, None)
 
+    def set_counter(self, name: str) -> None:
+        """Desired named counter ``name`` (rules refer to it as ``counter name "<name>"``)."""
+        _check_name("counter", name, _SET_NAME_RE)
+        if name not in self._counters:
+            self._counters.add(name)
+            self._dirty_counters.add(name)
+            for r in self._referrers.get("@%" + name, ()):
+                self._dirty_chains.add(r)  # a chain left out for want of it can go in now
+
+    def remove_counter(self, name: str) -> None:
+        if name in self._counters:
+            self._counters.discard(name)
+            self._dirty_counters.add(name)
+            self._dirty_chains.update(self._referrers.get("@%" + name, ()))
+
+    def counter_names(self) -> frozenset[str]:
+        return frozenset(self._counters)
+
+    def read_counters(self) -> dict[str, tuple[int, int]]:
+        """Every named counter of the table in the kernel: name -> (packets, bytes). One nft call."""
+        try:
+            objs = self._nft.list_json(f"counters table {self.target}")
+        except NftError as e:
+            if e.not_found:
+                return {}
+            raise
+        out: dict[str, tuple[int, int]] = {}
+        for o in objs:
+            c = o.get("counter")
+            if isinstance(c, dict) and isinstance(c.get("name"), str):
+                out[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        return out
+
     def _set_for_update(self, name: str) -> _SetSpec:
         spec = self._sets.get(name)
         if spec is None or spec.map_type:
@@ -732,8 +778,11 @@ class NftTable:
             objs, exists = [], False
         chains: dict[str, _KChain] = {}
         sets: dict[str, _SetSpec] = {}
+        counters: set[str] = set()
         for o in objs:
-            if "chain" in o:
+            if "counter" in o and isinstance(o["counter"], dict):
+                counters.add(str(o["counter"].get("name")))
+            elif "chain" in o:
                 c = o["chain"]
                 base = None
                 if "hook" in c:
@@ -760,6 +809,8 @@ class NftTable:
             _link(self._kreferrers, name, kc.refs())
         self._dirty_chains = set(self._chains) | set(chains)
         self._dirty_sets = set(self._sets) | set(sets)
+        self._kcounters = counters
+        self._dirty_counters = set(self._counters) | counters
         self._failed = {}
         self._resync = False
 
@@ -779,7 +830,7 @@ class NftTable:
         if self._resync:
             self._read_kernel()
             stats.resynced = True
-        if not self._dirty_chains and not self._dirty_sets:
+        if not self._dirty_chains and not self._dirty_sets and not self._dirty_counters:
             return
         while True:
             bad = self._unprogrammable()
@@ -811,6 +862,7 @@ class NftTable:
         # Unprogrammable objects stay dirty so they are looked at again (cheaply) on every apply.
         self._dirty_chains = {c for c in self._dirty_chains if c in bad}
         self._dirty_sets = {s for s in self._dirty_sets if "@" + s in bad}
+        self._dirty_counters = {c for c in self._dirty_counters if c in self._counters ^ self._kcounters}
         self._bad = bad
         for obj, why in bad.items():
             if self._logged.get(obj) != why:
@@ -857,7 +909,11 @@ class NftTable:
                     break
             else:
                 for s in sorted(spec.sets):
-                    if s not in sets:
+                    if s[0] == "%":
+                        if s[1:] not in self._counters:
+                            bad[key] = f"refers to counter {s[1:]} which is not desired"
+                            break
+                    elif s not in sets:
                         bad[key] = f"refers to set @{s} which is not desired"
                         break
         if not bad:
@@ -936,6 +992,14 @@ class NftTable:
             elif have is not None:
                 set_deletes.append((have.keyword, name))
 
+        counter_deletes: list[str] = []
+        for name in sorted(self._dirty_counters):
+            if name in self._counters and name not in self._kcounters:
+                p.add(_P_CREATE, f"add counter {fam_t} {name}")
+                p.counters_added.add(name)
+            elif name not in self._counters and name in self._kcounters:
+                counter_deletes.append(name)
+
         for name in sorted(self._dirty_chains | force_rewrite):
             if name in bad:
                 continue
@@ -963,9 +1027,9 @@ class NftTable:
 
         # Deletions: only with removals allowed, and never of something that chains or maps staying in
         # the kernel as they are (not rewritten, e.g. rejected ones) still refer to.
-        if set_deletes or chain_deletes:
+        if set_deletes or chain_deletes or counter_deletes:
             if not removals:
-                p.deferred += len(set_deletes) + len(chain_deletes)
+                p.deferred += len(set_deletes) + len(chain_deletes) + len(counter_deletes)
             else:
                 dropping = set(chain_deletes)
 
@@ -989,6 +1053,12 @@ class NftTable:
                     p.add(_P_FLUSH, f"flush chain {fam_t} {name}")
                     p.add(_P_DELETE, f"delete chain {fam_t} {name}")
                     p.deleted_chains.add(name)
+                for name in counter_deletes:
+                    if used_by_staying_chain("@%" + name):
+                        p.deferred += 1
+                        continue
+                    p.add(_P_DELETE, f"delete counter {fam_t} {name}")
+                    p.counters_deleted.add(name)
 
         if p.n_commands() and not self._table_exists:
             p.add(_P_TABLE, f"add table {fam_t}")
@@ -1052,6 +1122,8 @@ class NftTable:
             ks.reset()
         for name in plan.deleted_sets:
             self._ksets.pop(name, None)
+        self._kcounters |= plan.counters_added
+        self._kcounters -= plan.counters_deleted
 
 
 def _link(index: dict[str, set[str]], referrer: str, targets: Iterable[str]) -> None:
@@ -1081,6 +1153,8 @@ def _collect_refs(expr: Any, sets: set[str], jumps: set[str]) -> None:
     if isinstance(expr, str):
         if expr.startswith("@"):
             sets.add(expr[1:])
+    elif isinstance(expr, dict) and isinstance(expr.get("counter"), str):
+        sets.add("%" + expr["counter"])  # a named counter reference
     elif isinstance(expr, list):
         for x in expr:
             _collect_refs(x, sets, jumps)
@@ -1108,5 +1182,9 @@ def _kernel_set(s: dict[str, Any]) -> _SetSpec:
         key = _json_value(e)
         if interval and "/" not in key and "-" not in key:
             key = str(ipaddress.ip_network(key))  # a single address in an interval set
+        elif "inet_proto" in comps:
+            # nft lists protocols by name ("tcp"), the desired side holds numbers.
+            with contextlib.suppress(ValueError):
+                key = _canon_elem(comps, key, interval=False)
         members[key] = ""
     return _SetSpec(comps, " . ".join(comps), flags, str(map_type), members)

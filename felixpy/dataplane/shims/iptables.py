@@ -117,8 +117,9 @@ class Iptables:
         if p.returncode != 0:
             raise _failure(args, p)
 
-    def save(self, table: str) -> str:
-        args = [self._binary("save"), "-t", table]
+    def save(self, table: str, *, counters: bool = False) -> str:
+        """``iptables-save -t <table>`` (``-c``: with each rule's [packets:bytes])."""
+        args = [self._binary("save"), *(["-c"] if counters else []), "-t", table]
         p = _run(args, "", self.netns, self._timeout)
         if p.returncode != 0:
             raise _failure(args, p)
