@@ -38,7 +38,9 @@ from felixpy.model.policy import (
     KIND_GNP,
     KIND_KNP,
     ActivePolicyUpdate,
+    ActiveProfileRemove,
     ActiveProfileUpdate,
+    EndpointPolicyRemove,
     EndpointPolicyUpdate,
     EntityMatch,
     IPPort,
@@ -118,6 +120,10 @@ class Lab:
         p = subprocess.run(["ip", "netns", "exec", self.pods[src], "ping", "-c1", "-W1", "-q", dst_ip],
                            capture_output=True)
         return p.returncode == 0
+
+    def ruleset(self) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.node, "nft", "list", "table", "ip", "calico"],
+                              capture_output=True, text=True, check=True).stdout
 
     def rules_json(self) -> list[dict[str, Any]]:
         p = subprocess.run(["ip", "netns", "exec", self.node, "nft", "-j", "-a", "list", "table", "ip", "calico"],
@@ -273,6 +279,22 @@ def test_incremental_update_and_restart(lab: Lab) -> None:
     assert {r["handle"] for r in lab.rules_json()} == set(after)
 
 
+def remove_together_scenario(lab: Any) -> None:
+    """A pod deleted together with the last users of its profiles (CNI DEL of the namespace's last pod): the
+    endpoint's chains, the profile chains they jump to and the drop counters go in one apply that succeeds
+    (the profile chains must not be deleted while the endpoint chains still refer to them). Shared by the
+    nft and iptables suites."""
+    sa = Profile("ksa.ns1.default", ingress=(Rule(ACTION_ALLOW),), egress=(Rule(ACTION_ALLOW),))
+    lab.send(ActiveProfileUpdate(PROFILE), ActiveProfileUpdate(sa), endpoint("a", profiles=("kns.ns1", sa.name)),
+             endpoint("b"))
+    assert lab.ping("a", PODS["b"])
+    lab.send(EndpointPolicyRemove("ns1/pod-a"), ActiveProfileRemove(sa.name))
+    lab.send(EndpointPolicyRemove("ns1/pod-b"), ActiveProfileRemove(PROFILE.name))
+    ruleset = lab.ruleset()
+    for gone in ("kns.ns1", "ksa.ns1.default", "calia", "calib"):
+        assert gone not in ruleset, f"{gone} left behind:\n{ruleset}"
+
+
 def named_ports_scenario(lab: Any, fresh: Callable[[list[object]], int] | None = None) -> None:
     """Named ports through named-port sets (shared by the nft and iptables suites): A's "web" is 9090, B's
     is 8080, so one rule opens a different port on each."""
@@ -379,3 +401,7 @@ def drops_scenario(lab: Any, make_mgr: Callable[[RenderOptions], PolicyManager],
 
 def test_drops_counted_and_logged(lab: Lab) -> None:
     drops_scenario(lab, lambda opts: PolicyManager(lab.table, options=opts), 127)
+
+
+def test_endpoint_and_its_profiles_removed_in_one_apply(lab: Lab) -> None:
+    remove_together_scenario(lab)

@@ -48,7 +48,7 @@ from felixpy.model.policy import (
     selector_set_id,
 )
 from felixpy.model.selector import parse_selector
-from tests.integration.test_policy_mgr import drops_scenario, named_ports_scenario
+from tests.integration.test_policy_mgr import drops_scenario, named_ports_scenario, remove_together_scenario
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
@@ -128,6 +128,9 @@ class Lab:
         out = sh("ip", "netns", "exec", self.node, f"iptables-{self.backend}-save", *(["-c"] if counters else []),
                  "-t", "filter")
         return [ln for ln in out.splitlines() if "cali" in ln and not ln.startswith("#")]
+
+    def ruleset(self) -> str:
+        return "\n".join(self.save()) + "\n" + "\n".join(sorted(self.ipsets()))
 
     def ipsets(self) -> set[str]:
         return set(sh("ip", "netns", "exec", self.node, "ipset", "list", "-n").split())
@@ -357,3 +360,7 @@ def test_named_ports(lab: Lab) -> None:
 def test_drops_counted_and_logged(lab: Lab) -> None:
     """The nft suite's drop scenario: rule comments and iptables-save -c counters; LOG's 29-byte prefix."""
     drops_scenario(lab, lambda opts: PolicyManager(lab.dp, options=opts), 29)
+
+
+def test_endpoint_and_its_profiles_removed_in_one_apply(lab: Lab) -> None:
+    remove_together_scenario(lab)

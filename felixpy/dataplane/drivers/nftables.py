@@ -1031,23 +1031,39 @@ class NftTable:
             if not removals:
                 p.deferred += len(set_deletes) + len(chain_deletes) + len(counter_deletes)
             else:
+                deleted_set_names = {n for _, n in set_deletes}
+                # What the verdict maps that stay will still jump to once this transaction's element
+                # deletions are done (a map that is rewritten whole is refilled with desired targets only).
+                map_targets: set[str] = set()
+                for n, ks in self._ksets.items():
+                    if ks.map_type != "verdict" or n in deleted_set_names or n in p.set_full:
+                        continue
+                    gone_keys = set(p.set_dels.get(n, ()))
+                    map_targets.update(v.split(" ", 1)[1] for k, v in ks.members.items()
+                                       if " " in v and k not in gone_keys)
+                # A deletion is deferred while a chain that stays refers to the object; deferring a chain
+                # keeps everything it refers to as well, so iterate until nothing more is deferred.
                 dropping = set(chain_deletes)
+                dropping_sets = set(deleted_set_names)
 
                 def used_by_staying_chain(key: str) -> bool:
                     # Kernel chains that stay as they are (not rewritten, not deleted) and refer to key.
                     return any(c not in p.written and c not in dropping for c in self._kreferrers.get(key, ()))
 
-                deleted_set_names = {n for _, n in set_deletes}
-                staying_maps = [ks for n, ks in self._ksets.items()
-                                if ks.map_type == "verdict" and n not in deleted_set_names and n not in p.set_full]
+                while True:
+                    before = (len(dropping), len(dropping_sets))
+                    dropping = {c for c in dropping if not used_by_staying_chain(c) and c not in map_targets}
+                    dropping_sets = {n for n in dropping_sets if not used_by_staying_chain("@" + n)}
+                    if (len(dropping), len(dropping_sets)) == before:
+                        break
                 for kw, name in sorted(set_deletes, key=lambda kn: kn[0] != "map"):  # maps refer to chains
-                    if used_by_staying_chain("@" + name):
+                    if name not in dropping_sets:
                         p.deferred += 1
                         continue
                     p.add(_P_DELETE, f"delete {kw} {fam_t} {name}")
                     p.deleted_sets.add(name)
                 for name in chain_deletes:
-                    if used_by_staying_chain(name) or any(name in ks.verdict_targets() for ks in staying_maps):
+                    if name not in dropping:
                         p.deferred += 1
                         continue
                     p.add(_P_FLUSH, f"flush chain {fam_t} {name}")
