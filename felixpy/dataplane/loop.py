@@ -119,6 +119,7 @@ class Dataplane:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         next_refresh = time.monotonic() + self._refresh_interval
+        failed_in_a_row = 0
         while True:
             timeout = max(0.0, next_refresh - time.monotonic())
             if not self._dirty:
@@ -137,12 +138,22 @@ class Dataplane:
                 await loop.run_in_executor(self._executor, self._apply_sync)
                 self.applies_ok += 1
                 self.last_error = ""
+                failed_in_a_row = 0
             except Exception as e:  # a failed apply is retried; it must never kill the loop
                 metrics.dataplane_failures.inc()
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.exception("dataplane apply failed; retrying")
+                err = f"{type(e).__name__}: {e}"
+                if err != self.last_error:  # the traceback once per distinct error, not every retry
+                    log.exception("dataplane apply failed; retrying")
+                else:
+                    log.error("dataplane apply failed again (%d in a row): %s", failed_in_a_row + 1, err)
+                self.last_error = err
                 self._dirty = True
-                await asyncio.sleep(0.1)
+                # Back off (0.1 s doubling to 5 s) so a persistent failure does not spin; a new update
+                # wakes the loop early, since it may be what fixes the state.
+                backoff = min(5.0, 0.1 * 2 ** min(failed_in_a_row, 6))
+                failed_in_a_row += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), backoff)
             metrics.apply_time.observe(time.perf_counter() - t0)
             self._completed = gen
             still: list[tuple[int, asyncio.Future[None]]] = []
