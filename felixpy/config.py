@@ -131,6 +131,8 @@ class Config:
                                          "tcp:6443", "tcp:6666", "tcp:6667")
     failsafe_outbound: tuple[str, ...] = ("udp:53", "udp:67", "tcp:179", "tcp:2379", "tcp:2380", "tcp:5473",
                                           "tcp:6443", "tcp:6666", "tcp:6667")
+    # FELIXPY_LOG_DROPS: log every policy drop (rate-limited) with the pod's namespace/name and the policy.
+    log_drops: bool = False
     ipv6_support: bool = False  # FELIX_IPV6SUPPORT: accepted; IPv6 is not implemented (logged when true)
     cluster_type: str = ""  # CLUSTER_TYPE: recorded on the Node (e.g. "k8s,bgp"), informational
     bgp_hold_time: int = 90  # FELIXPY_BGP_HOLD_TIME: hold time of every session (keepalive = hold / 3)
@@ -270,6 +272,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
             for item in items:
                 _check_failsafe(item, f"FELIX_{key.upper()}")
             setattr(c, attr, items)
+    if e.get("FELIXPY_LOG_DROPS"):
+        c.log_drops = _bool(e["FELIXPY_LOG_DROPS"], "FELIXPY_LOG_DROPS")
     if "ipv6support" in fx:
         c.ipv6_support = _bool(fx["ipv6support"], "FELIX_IPV6SUPPORT")
     c.cluster_type = e.get("CLUSTER_TYPE", "").strip()

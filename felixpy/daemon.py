@@ -179,9 +179,7 @@ class Agent:
 
             opts = RenderOptions(endpoint_to_host_action=cfg.default_endpoint_to_host_action.upper(),
                                  iface_prefix=cfg.interface_prefixes[0] if cfg.interface_prefixes else "cali",
-                                 # FELIXPY_LOG_DROPS: log every policy drop (rate-limited) naming pod and policy.
-                                 log_drops=os.environ.get("FELIXPY_LOG_DROPS", "").lower() in ("1", "true",
-                                                                                              "enabled"))
+                                 log_drops=cfg.log_drops)
             self.policy_mgr = PolicyManager(self.nat_table, options=opts)
             extra_mgrs.append(self.policy_mgr)
         self.dataplane = Dataplane(
@@ -446,6 +444,7 @@ class Agent:
 
     async def _housekeeping(self) -> None:
         """Overlay expiry, the dataplane and BGP liveness/readiness reports, the gauges."""
+        tick = 0
         while True:
             self.calc.expire(time.monotonic())
             msgs = self.calc.flush()
@@ -460,6 +459,11 @@ class Agent:
                 self.health.report("BGP", ready=bgp_ready, detail=bgp_detail)
             metrics.route_table_routes.set(self.route_table.num_owned_routes())
             self._update_gauges()
+            tick += 1
+            if self.policy_mgr is not None and tick % 5 == 0:
+                # The kernel's drop counters move without any update reaching the dataplane loop, so they
+                # are read here (on the dataplane's thread, which owns the nft/iptables handles).
+                await self.dataplane.call_in_dataplane_thread(self.policy_mgr.publish_drop_metrics)
             await asyncio.sleep(1.0)
 
     async def _kernel_monitor(self) -> None:

@@ -112,9 +112,9 @@ def set_bgp_status(peers: list[dict[str, object]], *, learned: int, installed: i
     bgp_routes_installed.set(installed)
 
 
-# Policy drops, read from the kernel's per-rule counters by the policy manager (felixpy extension:
-# Felix has no per-policy drop counter). Labels: the tier and policy (or "profile"/"default-deny"), the
-# direction, and the endpoint's "<namespace>/<pod>" when the drop is the endpoint's own default deny.
+# Policy drops, read from the kernel's per-rule counters by the policy manager (felixpy extension: Felix has
+# no per-policy drop counter). Labels: the tier ("" outside tiers), the policy (its id such as
+# "knp/<ns>/<name>", "end-of-tier", "profile/<name>" or "no-profile-matched") and the direction.
 policy_dropped_packets = Gauge("felixpy_policy_dropped_packets", "Packets dropped by a policy (kernel counter).",
                                ["tier", "policy", "direction"], registry=REGISTRY)
 policy_dropped_bytes = Gauge("felixpy_policy_dropped_bytes", "Bytes dropped by a policy (kernel counter).",

@@ -20,11 +20,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 from felixpy import metrics
 from felixpy.calc.messages import InSync, Message
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,10 @@ class Dataplane:
                 else:
                     still.append((want, fut))
             self._waiters = still
+
+    async def call_in_dataplane_thread(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the thread that applies (drivers' kernel handles are used from that thread only)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -21,6 +21,7 @@ import pytest
 from felixpy import labnet
 from felixpy.datastore.api import KIND_NETWORK_POLICY, Key, new_resource
 from tests.e2e.multinode import Cluster, Pod
+from tests.e2e.test_cli_status import http
 
 pytestmark = [pytest.mark.root, pytest.mark.realparts, pytest.mark.timeout(600)]
 
@@ -38,6 +39,20 @@ def cluster() -> Iterator[tuple[Cluster, list[Pod]]]:
         pods = [c.add_pod(1), c.add_pod(2), c.add_pod(3)]
         assert c.wait_for(lambda: not c.failing(pods), CONVERGE, 0.5), f"{c.failing(pods)}\n{c.diagnostics()}"
         yield c, pods
+
+
+def node_index(c: Cluster, name: str) -> int:
+    return next(i for i in range(1, len(c.node_names) + 1) if c.node(i).name == name)
+
+
+def ingress_drops(c: Cluster, node: str) -> float:
+    """Sum of felixpy_policy_dropped_packets{direction="ingress"} scraped from the node's agent."""
+    text = http(c, node_index(c, node), "/metrics")[1]
+    total = 0.0
+    for ln in text.splitlines():
+        if ln.startswith("felixpy_policy_dropped_packets{") and 'direction="ingress"' in ln:
+            total += float(ln.rsplit(" ", 1)[1])
+    return total
 
 
 def _policy(name: str, target: str, allowed_from: str) -> dict[str, object]:
@@ -58,6 +73,9 @@ def test_ingress_policy_admits_only_the_selected_peer(cluster: tuple[Cluster, li
         assert c.ping(b, a), c.diagnostics()
         assert c.ping(a, other), c.diagnostics()
         assert c.ping(other, b), c.diagnostics()
+        # The drops show up in a's agent's metrics, per policy (read from the kernel every few seconds).
+        assert c.wait_for(lambda: ingress_drops(c, a.node) > 0, CONVERGE, 1.0), \
+            http(c, node_index(c, a.node), "/metrics")[1]
     finally:
         kube.delete(f"{path}/a-from-b")
     assert c.wait_for(lambda: c.ping(other, a), CONVERGE, 0.5), c.diagnostics()
