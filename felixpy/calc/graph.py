@@ -29,6 +29,7 @@ from felixpy.datastore.api import (
     KIND_BGP_PEER,
     KIND_GLOBAL_NETWORK_POLICY,
     KIND_GLOBAL_NETWORK_SET,
+    KIND_HOST_ENDPOINT,
     KIND_IPAM_BLOCK,
     KIND_IPPOOL,
     KIND_K8S_NETWORK_POLICY,
@@ -44,7 +45,7 @@ from felixpy.datastore.api import (
 from felixpy.datastore.syncer import Update
 from felixpy.ipam.pools import InvalidPoolError, parse_pool
 from felixpy.model import policy_parse
-from felixpy.model.policy import PolicyKey, Profile
+from felixpy.model.policy import HEP_ID_PREFIX, HostEndpoint, PolicyKey, Profile
 from felixpy.model.resources import InvalidResource, parse_block, parse_node, parse_wep
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 _Derived = WorkloadEndpointUpdate | LocalBlockUpdate
 
 _POLICY_KINDS = frozenset({KIND_WEP, KIND_PROFILE, KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY,
-                           KIND_K8S_NETWORK_POLICY, KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET, KIND_TIER})
+                           KIND_K8S_NETWORK_POLICY, KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET, KIND_TIER,
+                           KIND_HOST_ENDPOINT})
 
 
 class CalcGraph:
@@ -75,6 +77,7 @@ class CalcGraph:
         self._ep_profiles: dict[Key, tuple[str, ...]] = {}
         self._policy_keys: dict[Key, PolicyKey] = {}
         self._policy_dirty: set[Key] = set()
+        self._heps: dict[Key, HostEndpoint] = {}  # valid HostEndpoints, every node (their IPs feed IP sets)
         self.bgp = BgpCalculator(node, router_id_setting=router_id_setting, enabled=bgp_enabled,
                                  hold_time=bgp_hold_time)
 
@@ -125,7 +128,13 @@ class CalcGraph:
             self._policy_dirty.add(key)
             return
         try:
-            if key.kind == KIND_PROFILE:
+            if key.kind == KIND_HOST_ENDPOINT:
+                self._policy_dirty.add(key)
+                if value is None:
+                    self._heps.pop(key, None)
+                else:
+                    self._heps[key] = policy_parse.parse_host_endpoint(value)
+            elif key.kind == KIND_PROFILE:
                 prof = policy_parse.parse_profile(value) if value is not None else None
                 if prof is None:
                     self._profiles.pop(key.name, None)
@@ -156,7 +165,9 @@ class CalcGraph:
         except (InvalidResource, ValueError) as e:
             self.invalid_resources += 1
             log.error("skipping malformed %s: %s (treated as absent)", key, e)
-            if key.kind == KIND_PROFILE:
+            if key.kind == KIND_HOST_ENDPOINT:
+                self._heps.pop(key, None)
+            elif key.kind == KIND_PROFILE:
                 self._profiles.pop(key.name, None)
                 pc.set_profile(key.name, None)
             elif key in self._policy_keys:
@@ -169,9 +180,12 @@ class CalcGraph:
     def _policy_endpoints(self) -> None:
         """Feed the dirty endpoints (datastore or our own writes) to the policy calculator."""
         for key in sorted(self._policy_dirty):
-            ep_id = f"{key.namespace}/{key.name}"
             for prof in self._ep_profiles.pop(key, ()):
                 self._eps_by_profile.get(prof, set()).discard(key)
+            if key.kind == KIND_HOST_ENDPOINT:
+                self._policy_host_endpoint(key)
+                continue
+            ep_id = f"{key.namespace}/{key.name}"
             res = self._effective(key)
             wep = None
             if res is not None:
@@ -193,6 +207,29 @@ class CalcGraph:
                                      ports=policy_parse.endpoint_ports(res) if res is not None else (),
                                      name=f"{wep.namespace}/{wep.pod}" if wep.pod else ep_id)
         self._policy_dirty.clear()
+
+    def _policy_host_endpoint(self, key: Key) -> None:
+        """A HostEndpoint into the policy calculator: every node's feed IP sets (expectedIPs); this node's
+        with an interfaceName (or "*") get chains. One that has only expectedIPs is not enforced: Felix
+        would find its interface by address, which needs an interface watch (docs/policy.md)."""
+        ep_id = HEP_ID_PREFIX + key.name
+        hep = self._heps.get(key)
+        if hep is None:
+            self.policy.remove_endpoint(ep_id)
+            return
+        self._ep_profiles[key] = hep.profiles
+        for prof in hep.profiles:
+            self._eps_by_profile.setdefault(prof, set()).add(key)
+        local = hep.node == self.node
+        if local and not hep.iface:
+            log.warning("HostEndpoint %s has no interfaceName: its policy is not enforced (expectedIPs-only "
+                        "host endpoints are not supported)", key.name)
+        labels = policy_parse.endpoint_labels(
+            dict(hep.labels), [self._profiles[p] for p in hep.profiles if p in self._profiles])
+        self.policy.set_endpoint(ep_id, local=local and bool(hep.iface), iface=hep.iface, labels=labels,
+                                 profiles=hep.profiles,
+                                 addrs=[ipaddress.ip_network(a) for a in hep.expected_ips],
+                                 ports=hep.ports, name=HEP_ID_PREFIX + key.name, host=True)
 
     def _bgp_input(self, u: Update) -> None:
         from bgp import peers as bgp_peers

@@ -37,8 +37,10 @@ Semantics chosen where Calico leaves room:
   resource is skipped (not active, not on any endpoint) until the tier appears, as Felix skips invalid
   tiers; :attr:`PolicyCalculator.missing_tiers` lists such tiers.
 - Policies in a tier sort by order (None = +inf) then ``"<name>/<namespace>/<kind>"``.
-- ``do_not_track`` / ``pre_dnat`` / ``apply_on_forward`` policies are handled like any other: the
-  renderer sees the flags on :class:`ActivePolicyUpdate` and decides where they apply.
+- ``do_not_track`` / ``pre_dnat`` / ``apply_on_forward`` policies are selected like any other. A host
+  endpoint's update (``host=True``) lists only the normal ones (neither pre-DNAT nor do-not-track) in
+  ``tiers`` and the applyOnForward ones among them again in ``forward_tiers`` (Calico's splitTiers); a
+  workload's lists them all and the dataplane never jumps to pre-DNAT / do-not-track policies.
 - A profile an endpoint names but that has no Profile resource is sent as a fail-closed placeholder
   (one Deny rule per direction), so the endpoint never jumps to a missing chain and never gets traffic a
   missing profile might have denied.
@@ -302,6 +304,7 @@ class _Endpoint:
     addrs: frozenset[IPNet]
     ports: tuple[EndpointPort, ...] = ()
     name: str = ""
+    host: bool = False
 
 
 _Item = tuple[str, Hashable]  # ("ep", endpoint id) or ("net", network-set key) in the IP-set index
@@ -400,14 +403,15 @@ class PolicyCalculator:
     # -- inputs (cheap) -----------------------------------------------------------------------------
     def set_endpoint(self, ep_id: str, *, local: bool, iface: str, labels: Mapping[str, str],
                      profiles: Sequence[str], addrs: Sequence[IPNet], ports: Sequence[EndpointPort] = (),
-                     name: str = "") -> None:
+                     name: str = "", host: bool = False) -> None:
         """An endpoint anywhere in the cluster (labels already include profile labels; ``ports`` its named
-        ports; ``name`` what drop logs call it, e.g. "<namespace>/<pod>")."""
+        ports; ``name`` what drop logs call it, e.g. "<namespace>/<pod>"). ``host``: a HostEndpoint
+        (``iface`` its interface or "*"); its update splits normal and applyOnForward policies."""
         self._pending_eps[ep_id] = _Endpoint(local=local, iface=iface, labels=tuple(sorted(labels.items())),
                                              profiles=tuple(profiles), addrs=frozenset(addrs),
                                              ports=tuple(sorted(set(ports), key=lambda p: (p.name, p.protocol,
                                                                                             p.port))),
-                                             name=name)
+                                             name=name, host=host)
 
     def remove_endpoint(self, ep_id: str) -> None:
         self._pending_eps[ep_id] = None
@@ -755,11 +759,12 @@ class PolicyCalculator:
                 updates.append(IPSetDeltaUpdate(set_id, added=want - have, removed=have - want))
         return updates, removes
 
-    def _endpoint_tiers(self, ep_id: str) -> tuple[TierPolicies, ...]:
+    def _endpoint_tiers(self, ep_id: str, keep: Callable[[Policy], bool] | None = None) -> tuple[TierPolicies, ...]:
         by_tier: dict[str, list[Policy]] = {}
         for pk in self._ep_policies.get(ep_id, ()):
             pol = self._policies[pk]
-            by_tier.setdefault(pol.tier, []).append(pol)
+            if keep is None or keep(pol):
+                by_tier.setdefault(pol.tier, []).append(pol)
         ordered: list[tuple[float, str, str]] = []
         for name in by_tier:
             info = self._tier_info(name)
@@ -786,8 +791,17 @@ class PolicyCalculator:
                     del self._sent_eps[ep_id]
                     removes.append(EndpointPolicyRemove(ep_id))
                 continue
-            want = EndpointPolicyUpdate(endpoint=ep_id, iface=ep.iface, tiers=self._endpoint_tiers(ep_id),
-                                        profiles=ep.profiles, name=ep.name)
+            if ep.host:
+                # Calico's splitTiers: pre-DNAT and do-not-track policies belong to other tables (not
+                # rendered: docs/policy.md); of the normal ones, applyOnForward also apply to forwarded traffic.
+                want = EndpointPolicyUpdate(
+                    endpoint=ep_id, iface=ep.iface, profiles=ep.profiles, name=ep.name, host=True,
+                    tiers=self._endpoint_tiers(ep_id, lambda p: not (p.pre_dnat or p.do_not_track)),
+                    forward_tiers=self._endpoint_tiers(
+                        ep_id, lambda p: p.apply_on_forward and not (p.pre_dnat or p.do_not_track)))
+            else:
+                want = EndpointPolicyUpdate(endpoint=ep_id, iface=ep.iface, tiers=self._endpoint_tiers(ep_id),
+                                            profiles=ep.profiles, name=ep.name)
             if want != have:
                 self._sent_eps[ep_id] = want
                 updates.append(want)

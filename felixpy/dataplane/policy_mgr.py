@@ -25,6 +25,11 @@ a chain or verdict map that refers to something missing):
   the manager last pushed for it stays (an endpoint that was never valid gets no chain, so its
   interface hits "Unknown interface" and is dropped);
 - two endpoints claiming one interface: the latest update wins, the other takes over when it goes.
+
+Host endpoints (``EndpointPolicyUpdate.host``) live in their own slots (``hep:<iface>``, so a host
+endpoint never competes with a workload for an interface): chains ``fh``/``th`` (normal policy, failsafe
+first) always, ``fhfw``/``thfw`` only in a direction that has applyOnForward policies; the four host
+dispatch chains are rewritten when the set of host endpoints or their forward chains change.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from felixpy.dataplane.drivers.iptables import IptablesDataplane, IptablesTable
 from felixpy.dataplane.drivers.nftables import NftTable
 from felixpy.dataplane.drivers.nftables import Rule as DriverRule
 from felixpy.dataplane.policy_render import (
+    CHAIN_KIND_FORWARD,
+    CHAIN_KIND_HOST,
+    CHAIN_KIND_WORKLOAD,
     MAP_FROM_WL_DISPATCH,
     MAP_TO_WL_DISPATCH,
     ChainSpec,
@@ -72,6 +80,8 @@ from felixpy.model.policy import (
 
 log = logging.getLogger(__name__)
 
+_HEP_SLOT = "hep:"  # slot of a host endpoint's interface (":" is in no interface name)
+
 
 class _Renderer(Protocol):
     """What policy_render (nft) and policy_render_ipt (iptables) both provide, under the same names."""
@@ -82,6 +92,11 @@ class _Renderer(Protocol):
 
     def endpoint_chain_name(self, iface: str, direction: str) -> str: ...
 
+    def host_endpoint_chain_name(self, iface: str, direction: str, forward: bool = False) -> str: ...
+
+    def host_dispatch_chains(self, heps: dict[str, tuple[bool, bool]], opts: RenderOptions = ...) -> list[ChainSpec]:
+        ...
+
     def policy_chains(self, policy: Policy, opts: RenderOptions = ...) -> list[ChainSpec]: ...
 
     def profile_chains(self, profile: Profile, opts: RenderOptions = ...) -> list[ChainSpec]: ...
@@ -89,7 +104,7 @@ class _Renderer(Protocol):
     def render_endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions = ..., *,
                               available: Callable[[str], bool] | None = None,
                               staged: Callable[[PolicyKey], bool] | None = None,
-                              drops: dict[str, DropKey] | None = None) -> list[Any]: ...
+                              drops: dict[str, DropKey] | None = None, chain: str = ...) -> list[Any]: ...
 
 
 class _Table(Protocol):
@@ -117,6 +132,13 @@ class _Backend:
     def endpoint_chain_name(self, iface: str, direction: str) -> str:
         return self.render.endpoint_chain_name(iface, direction)
 
+    def host_endpoint_chain_name(self, iface: str, direction: str, forward: bool = False) -> str:
+        return self.render.host_endpoint_chain_name(iface, direction, forward)
+
+    def write_hep_dispatch(self, heps: dict[str, tuple[bool, bool]], opts: RenderOptions) -> None:
+        for spec in self.render.host_dispatch_chains(heps, opts):
+            self.t.set_chain(spec.name, spec.rules)
+
     def policy_chains(self, policy: Policy, opts: RenderOptions) -> list[ChainSpec]:
         return self.render.policy_chains(policy, opts)
 
@@ -125,9 +147,9 @@ class _Backend:
 
     def endpoint_chain(self, ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions,
                        available: Callable[[str], bool], staged: Callable[[PolicyKey], bool],
-                       drops: dict[str, DropKey]) -> list[DriverRule]:
+                       drops: dict[str, DropKey], chain: str = CHAIN_KIND_WORKLOAD) -> list[DriverRule]:
         return self.render.render_endpoint_chain(ep, direction, opts, available=available, staged=staged,
-                                                 drops=drops)
+                                                 drops=drops, chain=chain)
 
     def set_counter(self, name: str) -> None:
         """A drop counter the endpoint chains use (nft: a named counter; iptables: rule comments)."""
@@ -288,13 +310,15 @@ class PolicyManager:
         self._dirty_ifaces: set[str] = set()
         self._static_done = False
         self._dispatch_dirty = True
+        self._hep_dispatch_dirty = False  # the static chains start with empty host dispatch chains
+        self._hep_fwd: dict[str, tuple[bool, bool]] = {}  # pushed host endpoint iface -> forward chains in/out
         # What was pushed into the table.
         self._obj_chains: dict[str, tuple[str, ...]] = {}  # "policy <id>" / "profile <name>" -> chains
         self._chain_sets: dict[str, frozenset[str]] = {}  # policy/profile chain -> set ids it uses
         self._referenced: frozenset[str] = frozenset()
         self._pushed_sets: set[str] = set()
         self._hidden: set[PolicyKey] = set()  # staged / host-endpoint-only: never jumped to
-        self._iface_ep: dict[str, str] = {}  # iface -> endpoint whose chains are pushed
+        self._iface_ep: dict[str, str] = {}  # slot (iface, or "hep:<iface>") -> endpoint whose chains are pushed
         self._iface_wants: dict[str, frozenset[str]] = {}  # iface -> policy/profile chains it refers to
         self._wanted_by: dict[str, set[str]] = {}  # policy/profile chain -> ifaces referring to it
         self.errors: dict[str, str] = {}  # "policy <id>" / "profile <n>" / "set <id>" / "endpoint <k>" -> why
@@ -341,17 +365,17 @@ class PolicyManager:
             if old == msg:
                 return
             if old is not None:
-                self._unclaim(msg.endpoint, old.iface)
+                self._unclaim(msg.endpoint, _slot(old))
             self._endpoints[msg.endpoint] = msg
-            self._by_iface.setdefault(msg.iface, set()).add(msg.endpoint)
+            self._by_iface.setdefault(_slot(msg), set()).add(msg.endpoint)
             self._seq += 1
             self._ep_seq[msg.endpoint] = self._seq
-            self._dirty_ifaces.add(msg.iface)
+            self._dirty_ifaces.add(_slot(msg))
         elif isinstance(msg, EndpointPolicyRemove):
             old = self._endpoints.pop(msg.endpoint, None)
             if old is not None:
                 self._ep_seq.pop(msg.endpoint, None)
-                self._unclaim(msg.endpoint, old.iface)
+                self._unclaim(msg.endpoint, _slot(old))
 
     def _unclaim(self, endpoint: str, iface: str) -> None:
         eps = self._by_iface.get(iface)
@@ -381,8 +405,11 @@ class PolicyManager:
                 self._sync_iface(iface)
             self._dirty_ifaces.clear()
         if self._dispatch_dirty:
-            self._b.write_dispatch(self._iface_ep)
+            self._b.write_dispatch(s for s in self._iface_ep if not s.startswith(_HEP_SLOT))
             self._dispatch_dirty = False
+        if self._hep_dispatch_dirty:
+            self._b.write_hep_dispatch(self._hep_fwd, self.options)
+            self._hep_dispatch_dirty = False
         now = self._clock()
         if now >= self._next_drop_read:
             self._next_drop_read = now + self.DROP_METRICS_INTERVAL
@@ -529,37 +556,66 @@ class PolicyManager:
             return None
         return self._endpoints[max(eps, key=lambda k: self._ep_seq.get(k, 0))]
 
+    def _slot_chains(self, slot: str) -> list[tuple[str, str, str]]:
+        """(chain name, direction, chain kind) of every chain a slot may have."""
+        if slot.startswith(_HEP_SLOT):
+            iface = slot[len(_HEP_SLOT):]
+            return [(self._b.host_endpoint_chain_name(iface, d, fwd), d, CHAIN_KIND_FORWARD if fwd else CHAIN_KIND_HOST)
+                    for fwd in (False, True) for d in (INGRESS, EGRESS)]
+        return [(self._b.endpoint_chain_name(slot, d), d, CHAIN_KIND_WORKLOAD) for d in (INGRESS, EGRESS)]
+
     def _sync_iface(self, iface: str) -> None:
+        """Push the chains of one slot: a workload interface, or ``hep:<iface>`` for a host endpoint."""
+        host = iface.startswith(_HEP_SLOT)
+        hep_iface = iface[len(_HEP_SLOT):]
         ep = self._owner(iface)
         pushed = self._iface_ep.get(iface)
         if ep is None:
             if pushed is not None:
-                for d in (INGRESS, EGRESS):
-                    self._b.remove_chain(self._b.endpoint_chain_name(iface, d))
+                for name, _, _ in self._slot_chains(iface):
+                    self._b.remove_chain(name)
                 del self._iface_ep[iface]
                 self._set_drops(iface, {})
-                self._dispatch_dirty = True
+                if host:
+                    self._hep_fwd.pop(hep_iface, None)
+                    self._hep_dispatch_dirty = True
+                else:
+                    self._dispatch_dirty = True
                 self.errors.pop(f"endpoint {pushed}", None)
             self._set_wants(iface, frozenset())
             return
         obj = f"endpoint {ep.endpoint}"
         has = self._b.has_chain
         wants: set[str] = set()
-        for tier in ep.tiers:
+        for tier in (*ep.tiers, *ep.forward_tiers):
             wants |= {self._b.policy_chain_name(k, INGRESS) for k in tier.ingress}
             wants |= {self._b.policy_chain_name(k, EGRESS) for k in tier.egress}
         for p in ep.profiles:
             wants |= {self._b.profile_chain_name(p, d) for d in (INGRESS, EGRESS)}
         self._set_wants(iface, frozenset(wants))
         drops: dict[str, DropKey] = {}
+        fwd = (False, False)
         try:
-            chains = [(self._b.endpoint_chain_name(iface, d),
-                       self._b.endpoint_chain(ep, d, self.options, has, self._hidden.__contains__, drops))
-                      for d in (INGRESS, EGRESS)]
+            chains: list[tuple[str, list[DriverRule]]] = []
+            gone: list[str] = []
+            if host:
+                # A forward chain only where applyOnForward policies apply (otherwise forwarded traffic
+                # through this interface is not host endpoint policy's business).
+                fwd = tuple(any(k not in self._hidden for t in ep.forward_tiers
+                                for k in (t.ingress if d == INGRESS else t.egress))
+                            for d in (INGRESS, EGRESS))  # type: ignore[assignment]
+            for name, d, kind in self._slot_chains(iface):
+                if kind == CHAIN_KIND_FORWARD and not fwd[0 if d == INGRESS else 1]:
+                    gone.append(name)
+                    continue
+                chains.append((name, self._b.endpoint_chain(ep, d, self.options, has, self._hidden.__contains__,
+                                                            drops, kind)))
             # The counters first: a chain referring to a counter that is not desired is not programmed.
             self._set_drops(iface, drops)
             for name, rules in chains:
                 self._b.set_chain(name, rules)
+            for name in gone:
+                self._b.remove_chain(name)
         except ValueError as e:
             self._error(obj, e)
             return
@@ -567,8 +623,11 @@ class PolicyManager:
         if missing:
             log.info("endpoint %s: chains %s not there yet, left out", ep.endpoint, ", ".join(missing))
         self.errors.pop(obj, None)
+        if host and self._hep_fwd.get(hep_iface) != fwd:
+            self._hep_fwd[hep_iface] = fwd
+            self._hep_dispatch_dirty = True
         if pushed != ep.endpoint:
-            if pushed is None:
+            if pushed is None and not host:
                 self._dispatch_dirty = True
             self._iface_ep[iface] = ep.endpoint
 
@@ -596,5 +655,14 @@ class PolicyManager:
     # -- status -------------------------------------------------------------------------------------
     @property
     def endpoint_ifaces(self) -> frozenset[str]:
-        """Interfaces whose endpoint chains are in the desired state."""
-        return frozenset(self._iface_ep)
+        """Workload interfaces whose endpoint chains are in the desired state."""
+        return frozenset(s for s in self._iface_ep if not s.startswith(_HEP_SLOT))
+
+    @property
+    def host_endpoint_ifaces(self) -> frozenset[str]:
+        """Host endpoint interfaces (``*`` for the all-interfaces one) whose chains are in the desired state."""
+        return frozenset(s[len(_HEP_SLOT):] for s in self._iface_ep if s.startswith(_HEP_SLOT))
+
+
+def _slot(ep: EndpointPolicyUpdate) -> str:
+    return _HEP_SLOT + ep.iface if ep.host else ep.iface

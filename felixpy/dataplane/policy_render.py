@@ -21,6 +21,17 @@ Calico's nft mode, ``filter-<iptables chain>``; the NAT manager's ``nat-*`` chai
 - selector IP sets: ``cali40<set id>`` with ``:`` made ``-`` (``cali40s-<hash>``), interval sets of
   ``ipv4_addr`` (``cali60...``, ``ipv6_addr`` in the ip6 table).
 
+Host endpoints (Calico's layout, calico-compat 1.4-1.6): ``filter-cali-INPUT`` continues (after the
+workload goto) by clearing the marks, ``jump filter-cali-from-host-endpoint`` and accepting on A; the base
+chain ``filter-OUTPUT`` (hook output) -> ``filter-cali-OUTPUT`` returns for workload interfaces, then the
+same with ``filter-cali-to-host-endpoint``; ``filter-cali-FORWARD`` starts with ``filter-cali-from-hep-
+forward`` and ends with ``filter-cali-to-hep-forward``. The dispatch chains hold ``iifname "<if>" goto
+filter-cali-fh-<if>`` (``oifname``, ``-th-``; ``-fhfw-`` / ``-thfw-`` for forwarded traffic) per host
+endpoint, the all-interfaces one (``*``, chain suffix ``all/``) last for non-workload interfaces. A host
+endpoint chain is the workload one with the failsafe jump after conntrack (``filter-cali-failsafe-in`` /
+``-out``: Felix's FailsafeInbound/OutboundHostPorts, accepted before any policy); a forward chain has no
+failsafe, no profiles and no final drop (only applyOnForward policies, and only when it has some).
+
 Verdicts and marks (Calico's bits, calico-compat 1.2): a policy chain never accepts. An Allow rule sets
 the accept bit A and returns, Pass sets the pass bit P and returns, Deny sets the drop bit D and returns
 (Felix 3.30+), Log logs and goes on. The endpoint chain jumps to each policy of a tier while P is clear,
@@ -48,6 +59,7 @@ from felixpy.model.policy import (
     ACTION_PASS,
     ACTIONS,
     EGRESS,
+    HEP_ALL_INTERFACES,
     INGRESS,
     KIND_GNP,
     KIND_KNP,
@@ -71,6 +83,14 @@ from felixpy.model.selector import SelectorError, parse_selector
 # -- names ------------------------------------------------------------------------------------------
 CHAIN_BASE_FORWARD = "filter-FORWARD"
 CHAIN_BASE_INPUT = "filter-INPUT"
+CHAIN_BASE_OUTPUT = "filter-OUTPUT"
+CHAIN_OUTPUT = "filter-cali-OUTPUT"
+CHAIN_FROM_HEP = "filter-cali-from-host-endpoint"
+CHAIN_TO_HEP = "filter-cali-to-host-endpoint"
+CHAIN_FROM_HEP_FWD = "filter-cali-from-hep-forward"
+CHAIN_TO_HEP_FWD = "filter-cali-to-hep-forward"
+CHAIN_FAILSAFE_IN = "filter-cali-failsafe-in"
+CHAIN_FAILSAFE_OUT = "filter-cali-failsafe-out"
 CHAIN_FORWARD = "filter-cali-FORWARD"
 CHAIN_INPUT = "filter-cali-INPUT"
 CHAIN_WL_TO_HOST = "filter-cali-wl-to-host"
@@ -85,6 +105,22 @@ PREFIX_PROFILE_IN = "filter-cali-pri-"
 PREFIX_PROFILE_OUT = "filter-cali-pro-"
 PREFIX_TO_WL = "filter-cali-tw-"
 PREFIX_FROM_WL = "filter-cali-fw-"
+PREFIX_FROM_HEP = "filter-cali-fh-"  # traffic from the host endpoint into the host: its ingress policy
+PREFIX_TO_HEP = "filter-cali-th-"  # from the host out through the endpoint: egress policy
+PREFIX_FROM_HEP_FWD = "filter-cali-fhfw-"
+PREFIX_TO_HEP_FWD = "filter-cali-thfw-"
+# The chain suffix of an all-interfaces host endpoint: "/" is in no interface name, so it never collides.
+HEP_ALL_SUFFIX = "all/"
+# Endpoint chain kinds (render_endpoint_chain's ``chain``).
+CHAIN_KIND_WORKLOAD = "workload"
+CHAIN_KIND_HOST = "host"
+CHAIN_KIND_FORWARD = "forward"
+_CHAIN_KINDS = (CHAIN_KIND_WORKLOAD, CHAIN_KIND_HOST, CHAIN_KIND_FORWARD)
+# Felix's FailsafeInboundHostPorts / FailsafeOutboundHostPorts defaults.
+DEFAULT_FAILSAFE_IN = ("tcp:22", "udp:68", "tcp:179", "tcp:2379", "tcp:2380", "tcp:5473", "tcp:6443", "tcp:6666",
+                       "tcp:6667")
+DEFAULT_FAILSAFE_OUT = ("udp:53", "udp:67", "tcp:179", "tcp:2379", "tcp:2380", "tcp:5473", "tcp:6443", "tcp:6666",
+                        "tcp:6667")
 
 # nft allows 255 characters; longer ids are hashed well before that so names stay readable in listings.
 MAX_CHAIN_NAME = 96
@@ -159,6 +195,10 @@ class RenderOptions:
     # the policy; read by the daemon into this field, off by default.
     log_drops: bool = False
     drop_log_rate: int = 10  # per second, per drop rule
+    # Host ports no host-endpoint policy can close ("proto:port" or "proto:cidr:port"; the cidr is the
+    # remote side: source inbound, destination outbound), from Config.failsafe_inbound/_outbound.
+    failsafe_inbound: tuple[str, ...] = DEFAULT_FAILSAFE_IN
+    failsafe_outbound: tuple[str, ...] = DEFAULT_FAILSAFE_OUT
 
     def validate(self) -> None:
         if self.ip_version not in (4, 6):
@@ -173,9 +213,31 @@ class RenderOptions:
             raise ValueError(f"invalid VXLAN port {self.vxlan_port!r}")
         if not isinstance(self.drop_log_rate, int) or not 1 <= self.drop_log_rate <= 10000:
             raise ValueError(f"invalid drop log rate {self.drop_log_rate!r} (1-10000 per second)")
+        for item in (*self.failsafe_inbound, *self.failsafe_outbound):
+            try:
+                parse_failsafe(item)
+            except PolicyRenderError as e:
+                raise ValueError(str(e)) from None
         if '"' in self.log_prefix or "\\" in self.log_prefix or any(ord(c) < 32 for c in self.log_prefix) \
                 or len(self.log_prefix.encode()) > 127:
             raise ValueError(f"invalid log prefix {self.log_prefix!r} (max 127 bytes, no quotes)")
+
+
+def parse_failsafe(item: str) -> tuple[str, IPNet | None, int]:
+    """A failsafe entry ``proto:port`` or ``proto:cidr:port`` -> (tcp|udp|sctp, net or None, port)."""
+    parts = item.strip().lower().split(":") if isinstance(item, str) else []
+    if len(parts) > 3:  # an IPv6 CIDR holds colons (optionally in brackets): proto:<cidr>:port
+        parts = [parts[0], ":".join(parts[1:-1]).strip("[]"), parts[-1]]
+    if len(parts) not in (2, 3) or parts[0] not in ("tcp", "udp", "sctp") or not parts[-1].isdigit() \
+            or not 0 <= int(parts[-1]) <= 65535:
+        raise PolicyRenderError(f"invalid failsafe entry {item!r} (want proto:port or proto:cidr:port)")
+    net: IPNet | None = None
+    if len(parts) == 3:
+        try:
+            net = ipaddress.ip_network(parts[1], strict=False)
+        except ValueError:
+            raise PolicyRenderError(f"invalid CIDR in failsafe entry {item!r}") from None
+    return parts[0], net, int(parts[-1])
 
 
 DEFAULT_OPTIONS = RenderOptions()
@@ -228,6 +290,17 @@ def endpoint_chain_name(iface: str, direction: str) -> str:
     """Ingress policy lives in the to-workload chain (``tw``), egress in the from-workload one (``fw``)."""
     _check_direction(direction)
     return _limited(PREFIX_TO_WL if direction == INGRESS else PREFIX_FROM_WL, check_iface(iface))
+
+
+def host_endpoint_chain_name(iface: str, direction: str, forward: bool = False) -> str:
+    """Ingress policy of a host endpoint lives in the from-host chain (``fh``, ``fhfw`` for forwarded
+    traffic), egress in the to-host-endpoint one (``th`` / ``thfw``); ``*`` is the all-interfaces one."""
+    _check_direction(direction)
+    if forward:
+        prefix = PREFIX_FROM_HEP_FWD if direction == INGRESS else PREFIX_TO_HEP_FWD
+    else:
+        prefix = PREFIX_FROM_HEP if direction == INGRESS else PREFIX_TO_HEP
+    return _limited(prefix, HEP_ALL_SUFFIX if iface == HEP_ALL_INTERFACES else check_iface(iface))
 
 
 def nft_set_name(set_id: str, ip_version: int) -> str:
@@ -522,13 +595,18 @@ def drop_log_prefix(ep: EndpointPolicyUpdate, what: str, limit: int) -> str:
 
 def _drop_points(ep: EndpointPolicyUpdate, direction: str, has: Callable[[str], bool],
                  is_staged: Callable[[PolicyKey], bool], policy_chain: Callable[[PolicyKey, str], str],
-                 profile_chain: Callable[[str, str], str]) -> list[tuple[str, object, DropKey]]:
+                 profile_chain: Callable[[str, str], str],
+                 chain: str = CHAIN_KIND_WORKLOAD) -> list[tuple[str, object, DropKey]]:
     """The endpoint chain's structure, renderer-neutral (the chain namers are the renderer's): ("tier",
     TierPolicies, key of its end drop), ("policy", PolicyKey, key), ("endtier", tier, key), ("profile",
-    name, key), ("end", None, key)."""
+    name, key), ("end", None, key). A forward chain (``chain`` "forward") uses the forward tiers and has
+    neither profiles nor the final drop (Calico: forwarded traffic no applyOnForward policy decided on
+    goes on)."""
+    if chain not in _CHAIN_KINDS:
+        raise PolicyRenderError(f"invalid endpoint chain kind {chain!r}")
     d = direction.lower()
     out: list[tuple[str, object, DropKey]] = []
-    for tier in ep.tiers:
+    for tier in (ep.forward_tiers if chain == CHAIN_KIND_FORWARD else ep.tiers):
         if tier.default_action not in (ACTION_DENY, ACTION_PASS):
             raise PolicyRenderError(f"tier {tier.name}: invalid default action {tier.default_action!r}")
         keys = [k for k in (tier.ingress if direction == INGRESS else tier.egress) if not is_staged(k)]
@@ -540,6 +618,8 @@ def _drop_points(ep: EndpointPolicyUpdate, direction: str, has: Callable[[str], 
                 out.append(("policy", k, (tier.name, k.id, d)))
         if tier.default_action != ACTION_PASS:
             out.append(("endtier", tier, (tier.name, END_OF_TIER, d)))
+    if chain == CHAIN_KIND_FORWARD:
+        return out
     for name in ep.profiles:
         if has(profile_chain(name, direction)):
             out.append(("profile", name, ("", PROFILE_PREFIX + name, d)))
@@ -550,8 +630,11 @@ def _drop_points(ep: EndpointPolicyUpdate, direction: str, has: Callable[[str], 
 def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions = DEFAULT_OPTIONS, *,
                           available: Callable[[str], bool] | None = None,
                           staged: Callable[[PolicyKey], bool] | None = None,
-                          drops: dict[str, DropKey] | None = None) -> list[NftRule]:
-    """Calico's workload endpoint chain for one direction (calico-compat 1.6).
+                          drops: dict[str, DropKey] | None = None,
+                          chain: str = CHAIN_KIND_WORKLOAD) -> list[NftRule]:
+    """Calico's endpoint chain for one direction (calico-compat 1.6): a workload's (``chain`` "workload"),
+    a host endpoint's (``host``: the failsafe chain right after conntrack, no encapsulation drops) or a
+    host endpoint's forward chain (``forward``: ``ep.forward_tiers`` only, no profiles, no final drop).
 
     ``staged(key)``: staged policies are never jumped to and do not make a tier end in a drop.
     ``available(chain)``: jumps to chains that do not exist (yet) are left out; a tier whose policies are
@@ -567,7 +650,7 @@ def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: Render
     accept, pass_, drop = _mark(m.accept), _mark(m.pass_), _mark(m.drop)
     has = available or (lambda _c: True)
     is_staged = staged or (lambda _k: False)
-    points = _drop_points(ep, direction, has, is_staged, policy_chain_name, profile_chain_name)
+    points = _drop_points(ep, direction, has, is_staged, policy_chain_name, profile_chain_name, chain)
 
     def counted_drop(match: str, key: DropKey, what: str, comment: str) -> list[NftRule]:
         name = drop_counter_name(key)
@@ -584,8 +667,10 @@ def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: Render
     out = [NftRule("ct state established,related accept")]
     if opts.drop_invalid:
         out.append(NftRule("ct state invalid drop"))
+    if chain == CHAIN_KIND_HOST:
+        out.append(NftRule(f"jump {CHAIN_FAILSAFE_IN if direction == INGRESS else CHAIN_FAILSAFE_OUT}"))
     out.append(NftRule(f"meta mark set meta mark & {_mark(~m.verdicts & 0xFFFFFFFF)}"))
-    if direction == EGRESS:
+    if direction == EGRESS and chain == CHAIN_KIND_WORKLOAD:
         if not opts.allow_vxlan_from_workloads:
             out.append(NftRule(f"udp dport {opts.vxlan_port} drop",
                                "Drop VXLAN encapped packets originating in workloads"))
@@ -626,11 +711,52 @@ def dispatch_elements(ifaces: Iterable[str]) -> tuple[dict[str, str], dict[str, 
     return from_wl, to_wl
 
 
+HepDispatch = dict[str, tuple[bool, bool]]  # host endpoint iface -> (has forward ingress, forward egress) chain
+
+
+def host_dispatch_chains(heps: HepDispatch, opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
+    """The four host-endpoint dispatch chains: a goto per interface (sorted; the all-interfaces endpoint
+    last, for interfaces without their own and never for workload ones). Forward dispatch only names
+    endpoints with a forward chain in that direction. No host endpoint: empty chains (return)."""
+    wild = f'"{opts.iface_prefix}*"'
+
+    def rules(match: str, direction: str, forward: bool, which: int) -> tuple[NftRule, ...]:
+        out = []
+        for iface in sorted(i for i in heps if i != HEP_ALL_INTERFACES):
+            if not forward or heps[iface][which]:
+                out.append(NftRule(f'{match} "{check_iface(iface)}" goto '
+                                   f"{host_endpoint_chain_name(iface, direction, forward)}"))
+        if HEP_ALL_INTERFACES in heps and (not forward or heps[HEP_ALL_INTERFACES][which]):
+            target = host_endpoint_chain_name(HEP_ALL_INTERFACES, direction, forward)
+            out.append(NftRule(f"{match} != {wild} goto {target}"))
+        return tuple(out)
+
+    return [ChainSpec(CHAIN_FROM_HEP, rules("iifname", INGRESS, False, 0)),
+            ChainSpec(CHAIN_TO_HEP, rules("oifname", EGRESS, False, 1)),
+            ChainSpec(CHAIN_FROM_HEP_FWD, rules("iifname", INGRESS, True, 0)),
+            ChainSpec(CHAIN_TO_HEP_FWD, rules("oifname", EGRESS, True, 1))]
+
+
+def failsafe_rules(items: Sequence[str], inbound: bool, ip_version: int) -> list[str]:
+    """Accept rules for failsafe entries (entries whose CIDR is of the other IP version are left out)."""
+    ip = "ip" if ip_version == 4 else "ip6"
+    out = []
+    for item in items:
+        proto, net, port = parse_failsafe(item)
+        if net is not None and net.version != ip_version:
+            continue
+        where = f"{ip} {'saddr' if inbound else 'daddr'} {net} " if net is not None else ""
+        out.append(f"{where}{proto} dport {port} accept")
+    return out
+
+
 def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
-    """Base chains, the FORWARD/INPUT chains and the dispatch chains (which use the two dispatch maps,
-    declared by the caller as ``ifname : verdict`` maps)."""
+    """Base chains, the FORWARD/INPUT/OUTPUT chains, the failsafe chains and the workload dispatch chains
+    (which use the two dispatch maps, declared by the caller as ``ifname : verdict`` maps). The host
+    endpoint dispatch chains come from :func:`host_dispatch_chains`."""
     m = opts.marks
     accept = _mark(m.accept)
+    clear = NftRule(f"meta mark set meta mark & {_mark(~m.verdicts & 0xFFFFFFFF)}")
     wild = f'"{opts.iface_prefix}*"'
     to_host = [NftRule(f"jump {CHAIN_FROM_WL_DISPATCH}"),
                NftRule(_HOST_ACTIONS[opts.endpoint_to_host_action], "Configured DefaultEndpointToHostAction")]
@@ -644,15 +770,36 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
             NftRule(f"meta mark & {accept} == {accept} accept", "Policy explicitly accepted packet."),
         ), filt),
         ChainSpec(CHAIN_FORWARD, (
-            NftRule(f"meta mark set meta mark & {_mark(~m.verdicts & 0xFFFFFFFF)}"),
+            clear,
+            NftRule(f"jump {CHAIN_FROM_HEP_FWD}"),
             NftRule(f"iifname {wild} jump {CHAIN_FROM_WL_DISPATCH}"),
             NftRule(f"oifname {wild} jump {CHAIN_TO_WL_DISPATCH}"),
+            NftRule(f"jump {CHAIN_TO_HEP_FWD}"),
         )),
         ChainSpec(CHAIN_BASE_INPUT, (NftRule(f"jump {CHAIN_INPUT}"),), BaseChain("filter", "input", PRIO_FILTER)),
-        ChainSpec(CHAIN_INPUT, (NftRule(f"iifname {wild} goto {CHAIN_WL_TO_HOST}"),)),
+        ChainSpec(CHAIN_INPUT, (
+            NftRule(f"iifname {wild} goto {CHAIN_WL_TO_HOST}"),
+            clear,
+            NftRule(f"jump {CHAIN_FROM_HEP}"),
+            NftRule(f"meta mark & {accept} == {accept} accept", "Host endpoint policy accepted packet."),
+        )),
+        ChainSpec(CHAIN_BASE_OUTPUT, (NftRule(f"jump {CHAIN_OUTPUT}"),),
+                  BaseChain("filter", "output", PRIO_FILTER)),
+        ChainSpec(CHAIN_OUTPUT, (
+            # Host -> workload traffic is the workload's ingress policy's business (FORWARD never sees it).
+            NftRule(f"oifname {wild} return"),
+            clear,
+            NftRule(f"jump {CHAIN_TO_HEP}"),
+            NftRule(f"meta mark & {accept} == {accept} accept", "Host endpoint policy accepted packet."),
+        )),
+        ChainSpec(CHAIN_FAILSAFE_IN, tuple(NftRule(r) for r in failsafe_rules(opts.failsafe_inbound, True,
+                                                                                opts.ip_version))),
+        ChainSpec(CHAIN_FAILSAFE_OUT, tuple(NftRule(r) for r in failsafe_rules(opts.failsafe_outbound, False,
+                                                                                 opts.ip_version))),
         ChainSpec(CHAIN_WL_TO_HOST, tuple(to_host)),
         ChainSpec(CHAIN_FROM_WL_DISPATCH, (NftRule(f"iifname vmap @{MAP_FROM_WL_DISPATCH}"),
                                            NftRule("drop", "Unknown interface"))),
         ChainSpec(CHAIN_TO_WL_DISPATCH, (NftRule(f"oifname vmap @{MAP_TO_WL_DISPATCH}"),
                                          NftRule("drop", "Unknown interface"))),
+        *host_dispatch_chains({}, opts),
     ]

@@ -17,7 +17,12 @@ The iptables twin of :mod:`felixpy.dataplane.policy_render`, with Calico's iptab
 - endpoint chains ``cali-tw-<iface>`` (ingress policy) / ``cali-fw-<iface>`` (egress policy), policy
   chains ``cali-pi-<id>`` / ``cali-po-<id>`` (``PolicyKey.id``), profile chains ``cali-pri-<name>`` /
   ``cali-pro-<name>``; names longer than 28 characters are shortened as Calico's GetLengthLimitedID does;
-- selector IP sets: ipset ``hash:net`` named ``cali40<set id>`` (``cali60`` for IPv6), at most 31 chars.
+- selector IP sets: ipset ``hash:net`` named ``cali40<set id>`` (``cali60`` for IPv6), at most 31 chars;
+- host endpoints as in the nft renderer, with Calico's names: ``OUTPUT -j cali-OUTPUT``; ``cali-INPUT`` /
+  ``cali-OUTPUT`` clear the marks, jump to ``cali-from-host-endpoint`` / ``cali-to-host-endpoint`` and
+  ACCEPT on A ("Host endpoint policy accepted packet."); ``cali-FORWARD`` runs ``cali-from-hep-forward``
+  first and ``cali-to-hep-forward`` last; endpoint chains ``cali-fh-`` / ``cali-th-`` (failsafe jump to
+  ``cali-failsafe-in`` / ``-out`` after conntrack) and ``cali-fhfw-`` / ``cali-thfw-``.
 
 Verdicts and marks are the nft renderer's: a policy chain never accepts; Allow sets A and returns, Pass
 sets P and returns, Deny sets the drop bit D and returns (Calico 3.30+; the endpoint chain drops and counts
@@ -43,7 +48,11 @@ from dataclasses import dataclass
 
 from felixpy.dataplane.drivers.nftables import Rule as IptRule
 from felixpy.dataplane.policy_render import (
+    CHAIN_KIND_FORWARD,
+    CHAIN_KIND_HOST,
+    CHAIN_KIND_WORKLOAD,
     DEFAULT_OPTIONS,
+    HEP_ALL_SUFFIX,
     MAX_COMMENT_BYTES,
     ChainSpec,
     DropKey,
@@ -54,6 +63,7 @@ from felixpy.dataplane.policy_render import (
     check_iface,
     drop_counter_name,
     drop_log_prefix,
+    parse_failsafe,
     policy_header,
     rules_set_ids,
     set_id_for_selector,
@@ -64,6 +74,7 @@ from felixpy.model.policy import (
     ACTION_PASS,
     ACTIONS,
     EGRESS,
+    HEP_ALL_INTERFACES,
     INGRESS,
     EndpointPolicyUpdate,
     EntityMatch,
@@ -80,12 +91,46 @@ from felixpy.model.policy import (
 from felixpy.model.selector import SelectorError
 
 __all__ = [
-    "CHAIN_FORWARD", "CHAIN_FROM_WL_DISPATCH", "CHAIN_INPUT", "CHAIN_TO_WL_DISPATCH", "CHAIN_WL_TO_HOST",
-    "MAX_CHAIN_NAME", "MAX_IPSET_NAME", "MAX_LOG_PREFIX", "HookSpec", "dispatch_chains", "endpoint_chain_name",
-    "hooks", "ipset_members", "ipset_name", "ipset_port_members", "policy_chain_name", "policy_chains",
-    "profile_chain_name", "profile_chains", "read_drop_counters",
-    "render_endpoint_chain", "render_policy_chain", "render_profile_chain",
-    "render_rule", "rules_set_ids", "scratch_marks", "static_chains",
+    "CHAIN_FAILSAFE_IN",
+    "CHAIN_FAILSAFE_OUT",
+    "CHAIN_FORWARD",
+    "CHAIN_FROM_HEP",
+    "CHAIN_FROM_HEP_FWD",
+    "CHAIN_FROM_WL_DISPATCH",
+    "CHAIN_INPUT",
+    "CHAIN_KIND_FORWARD",
+    "CHAIN_KIND_HOST",
+    "CHAIN_KIND_WORKLOAD",
+    "CHAIN_OUTPUT",
+    "CHAIN_TO_HEP",
+    "CHAIN_TO_HEP_FWD",
+    "CHAIN_TO_WL_DISPATCH",
+    "CHAIN_WL_TO_HOST",
+    "MAX_CHAIN_NAME",
+    "MAX_IPSET_NAME",
+    "MAX_LOG_PREFIX",
+    "HookSpec",
+    "dispatch_chains",
+    "endpoint_chain_name",
+    "failsafe_rules",
+    "hooks",
+    "host_dispatch_chains",
+    "host_endpoint_chain_name",
+    "ipset_members",
+    "ipset_name",
+    "ipset_port_members",
+    "policy_chain_name",
+    "policy_chains",
+    "profile_chain_name",
+    "profile_chains",
+    "read_drop_counters",
+    "render_endpoint_chain",
+    "render_policy_chain",
+    "render_profile_chain",
+    "render_rule",
+    "rules_set_ids",
+    "scratch_marks",
+    "static_chains",
 ]
 
 # -- names ------------------------------------------------------------------------------------------
@@ -94,6 +139,17 @@ CHAIN_INPUT = "cali-INPUT"
 CHAIN_WL_TO_HOST = "cali-wl-to-host"
 CHAIN_FROM_WL_DISPATCH = "cali-from-wl-dispatch"
 CHAIN_TO_WL_DISPATCH = "cali-to-wl-dispatch"
+CHAIN_OUTPUT = "cali-OUTPUT"
+CHAIN_FROM_HEP = "cali-from-host-endpoint"
+CHAIN_TO_HEP = "cali-to-host-endpoint"
+CHAIN_FROM_HEP_FWD = "cali-from-hep-forward"
+CHAIN_TO_HEP_FWD = "cali-to-hep-forward"
+CHAIN_FAILSAFE_IN = "cali-failsafe-in"
+CHAIN_FAILSAFE_OUT = "cali-failsafe-out"
+PREFIX_FROM_HEP = "cali-fh-"
+PREFIX_TO_HEP = "cali-th-"
+PREFIX_FROM_HEP_FWD = "cali-fhfw-"
+PREFIX_TO_HEP_FWD = "cali-thfw-"
 PREFIX_POLICY_IN = "cali-pi-"
 PREFIX_POLICY_OUT = "cali-po-"
 PREFIX_PROFILE_IN = "cali-pri-"
@@ -149,6 +205,17 @@ def endpoint_chain_name(iface: str, direction: str) -> str:
     """``cali-tw-<iface>`` (ingress) / ``cali-fw-<iface>`` (egress); 8 + 15 characters always fit."""
     _check_direction(direction)
     return (PREFIX_TO_WL if direction == INGRESS else PREFIX_FROM_WL) + check_iface(iface)
+
+
+def host_endpoint_chain_name(iface: str, direction: str, forward: bool = False) -> str:
+    """``cali-fh-<iface>`` (ingress) / ``cali-th-<iface>`` (egress), ``cali-fhfw-`` / ``cali-thfw-`` for
+    forwarded traffic; the all-interfaces endpoint (``*``) has the suffix ``all/``; 10 + 15 always fit."""
+    _check_direction(direction)
+    if forward:
+        prefix = PREFIX_FROM_HEP_FWD if direction == INGRESS else PREFIX_TO_HEP_FWD
+    else:
+        prefix = PREFIX_FROM_HEP if direction == INGRESS else PREFIX_TO_HEP
+    return prefix + (HEP_ALL_SUFFIX if iface == HEP_ALL_INTERFACES else check_iface(iface))
 
 
 def ipset_name(set_id: str, ip_version: int) -> str:
@@ -470,9 +537,12 @@ def profile_chains(profile: Profile, opts: RenderOptions = DEFAULT_OPTIONS) -> l
 def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: RenderOptions = DEFAULT_OPTIONS, *,
                           available: Callable[[str], bool] | None = None,
                           staged: Callable[[PolicyKey], bool] | None = None,
-                          drops: dict[str, DropKey] | None = None) -> list[IptRule]:
-    """Calico's ``cali-tw-``/``cali-fw-`` chain (calico-compat 1.6); ``available``/``staged``/``drops`` as
-    in the nft renderer (missing chains are left out, the tier still ends in its drop). A drop rule's
+                          drops: dict[str, DropKey] | None = None,
+                          chain: str = CHAIN_KIND_WORKLOAD) -> list[IptRule]:
+    """Calico's ``cali-tw-``/``cali-fw-`` chain (calico-compat 1.6), or a host endpoint's ``cali-fh-`` /
+    ``cali-th-`` (``chain`` "host") or ``cali-fhfw-`` / ``cali-thfw-`` ("forward");
+    ``available``/``staged``/``drops``/``chain`` as in the nft renderer (missing chains are left out, the
+    tier still ends in its drop). A drop rule's
     comment starts with ``drop:<counter name>``, which is how :func:`read_drop_counters` finds its packet
     counts in ``iptables-save -c``; the optional log rule's prefix is cut to the LOG target's 29 bytes
     (the pod's namespace/name first), the comment of the drop rule below it names the policy."""
@@ -480,7 +550,7 @@ def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: Render
     m = opts.marks
     has = available or (lambda _c: True)
     is_staged = staged or (lambda _k: False)
-    points = _drop_points(ep, direction, has, is_staged, policy_chain_name, profile_chain_name)
+    points = _drop_points(ep, direction, has, is_staged, policy_chain_name, profile_chain_name, chain)
 
     def counted_drop(match: str, key: DropKey, what: str, comment: str) -> list[IptRule]:
         name = drop_counter_name(key)
@@ -497,8 +567,10 @@ def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: Render
     out = [IptRule("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")]
     if opts.drop_invalid:
         out.append(IptRule("-m conntrack --ctstate INVALID -j DROP"))
+    if chain == CHAIN_KIND_HOST:
+        out.append(IptRule(f"-j {CHAIN_FAILSAFE_IN if direction == INGRESS else CHAIN_FAILSAFE_OUT}"))
     out.append(IptRule(_clear_mark(m.verdicts)))
-    if direction == EGRESS:
+    if direction == EGRESS and chain == CHAIN_KIND_WORKLOAD:
         if not opts.allow_vxlan_from_workloads:
             out.append(IptRule(f"-p udp -m multiport --destination-ports {opts.vxlan_port} -j DROP",
                                "Drop VXLAN encapped packets originating in workloads"))
@@ -570,7 +642,44 @@ def hooks(opts: RenderOptions = DEFAULT_OPTIONS) -> list[HookSpec]:
         HookSpec("FORWARD", insert=(IptRule(f"-j {CHAIN_FORWARD}"),),
                  append=(IptRule(f"{_has_mark(a)} -j ACCEPT", "Policy explicitly accepted packet."),)),
         HookSpec("INPUT", insert=(IptRule(f"-j {CHAIN_INPUT}"),)),
+        HookSpec("OUTPUT", insert=(IptRule(f"-j {CHAIN_OUTPUT}"),)),
     ]
+
+
+def host_dispatch_chains(heps: dict[str, tuple[bool, bool]],
+                         opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
+    """The nft renderer's host-endpoint dispatch chains: ``-i <iface> -g cali-fh-<iface>`` etc., the
+    all-interfaces endpoint last (``! -i cali+``)."""
+    wild = f"{opts.iface_prefix}+"
+
+    def rules(flag: str, direction: str, forward: bool, which: int) -> tuple[IptRule, ...]:
+        out = []
+        for iface in sorted(i for i in heps if i != HEP_ALL_INTERFACES):
+            if not forward or heps[iface][which]:
+                out.append(IptRule(f"{flag} {check_iface(iface)} -g "
+                                   f"{host_endpoint_chain_name(iface, direction, forward)}"))
+        if HEP_ALL_INTERFACES in heps and (not forward or heps[HEP_ALL_INTERFACES][which]):
+            target = host_endpoint_chain_name(HEP_ALL_INTERFACES, direction, forward)
+            out.append(IptRule(f"! {flag} {wild} -g {target}"))
+        return tuple(out)
+
+    return [ChainSpec(CHAIN_FROM_HEP, rules("-i", INGRESS, False, 0)),
+            ChainSpec(CHAIN_TO_HEP, rules("-o", EGRESS, False, 1)),
+            ChainSpec(CHAIN_FROM_HEP_FWD, rules("-i", INGRESS, True, 0)),
+            ChainSpec(CHAIN_TO_HEP_FWD, rules("-o", EGRESS, True, 1))]
+
+
+def failsafe_rules(items: Sequence[str], inbound: bool, ip_version: int) -> list[str]:
+    """``-p <proto> -m <proto> --dport <port> -j ACCEPT`` per entry (``-s``/``-d`` its CIDR; entries of the
+    other IP version left out)."""
+    out = []
+    for item in items:
+        proto, net, port = parse_failsafe(item)
+        if net is not None and net.version != ip_version:
+            continue
+        where = f"{'-s' if inbound else '-d'} {net} " if net is not None else ""
+        out.append(f"{where}-p {proto} -m {proto} --dport {port} -j ACCEPT")
+    return out
 
 
 def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
@@ -583,12 +692,23 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
         to_host += [IptRule(f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT") for t in _ICMP6_TO_HOST]
     to_host += [IptRule(f"-j {CHAIN_FROM_WL_DISPATCH}"),
                 IptRule(f"-j {_HOST_ACTIONS[opts.endpoint_to_host_action]}", "Configured DefaultEndpointToHostAction")]
+    clear = IptRule(_clear_mark(_all_bits(opts)))
+    accepted = IptRule(f"{_has_mark(opts.marks.accept)} -j ACCEPT", "Host endpoint policy accepted packet.")
+    v = opts.ip_version
     return [
         ChainSpec(CHAIN_FORWARD, (
-            IptRule(_clear_mark(_all_bits(opts))),
+            clear,
+            IptRule(f"-j {CHAIN_FROM_HEP_FWD}"),
             IptRule(f"-i {wild} -j {CHAIN_FROM_WL_DISPATCH}"),
             IptRule(f"-o {wild} -j {CHAIN_TO_WL_DISPATCH}"),
+            IptRule(f"-j {CHAIN_TO_HEP_FWD}"),
         )),
-        ChainSpec(CHAIN_INPUT, (IptRule(f"-i {wild} -g {CHAIN_WL_TO_HOST}"),)),
+        ChainSpec(CHAIN_INPUT, (IptRule(f"-i {wild} -g {CHAIN_WL_TO_HOST}"), clear,
+                                IptRule(f"-j {CHAIN_FROM_HEP}"), accepted)),
+        # Host -> workload traffic is the workload's ingress policy's business.
+        ChainSpec(CHAIN_OUTPUT, (IptRule(f"-o {wild} -j RETURN"), clear, IptRule(f"-j {CHAIN_TO_HEP}"), accepted)),
+        ChainSpec(CHAIN_FAILSAFE_IN, tuple(IptRule(r) for r in failsafe_rules(opts.failsafe_inbound, True, v))),
+        ChainSpec(CHAIN_FAILSAFE_OUT, tuple(IptRule(r) for r in failsafe_rules(opts.failsafe_outbound, False, v))),
         ChainSpec(CHAIN_WL_TO_HOST, tuple(to_host)),
+        *host_dispatch_chains({}, opts),
     ]

@@ -121,6 +121,23 @@ class Profile:
     labels_to_apply: tuple[tuple[str, str], ...] = ()
 
 
+HEP_ALL_INTERFACES = "*"  # a HostEndpoint's interfaceName for "every host interface" (Calico's all-interfaces HEP)
+HEP_ID_PREFIX = "hep:"  # calculator endpoint ids of host endpoints ("hep:<name>"; a WEP id is "<ns>/<name>")
+
+
+@dataclass(frozen=True)
+class HostEndpoint:
+    """A parsed HostEndpoint (cluster-scoped): the host's own interface(s) as a policy endpoint."""
+
+    name: str
+    node: str
+    iface: str  # an interface name, HEP_ALL_INTERFACES, or "" (expectedIPs only)
+    expected_ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    profiles: tuple[str, ...]
+    labels: tuple[tuple[str, str], ...]
+    ports: tuple[EndpointPort, ...] = ()
+
+
 @dataclass(frozen=True)
 class NetworkSet:
     namespace: str  # "" for GlobalNetworkSet
@@ -278,6 +295,10 @@ class EndpointPolicyUpdate:
     tiers: tuple[TierPolicies, ...]
     profiles: tuple[str, ...]
     name: str = ""  # what logs call it: "<namespace>/<pod>" ("" = use ``endpoint``)
+    # Host endpoints (``host``): ``iface`` is an interface or HEP_ALL_INTERFACES; ``tiers`` hold the normal
+    # policies (neither pre-DNAT nor do-not-track), ``forward_tiers`` those of them with applyOnForward.
+    host: bool = False
+    forward_tiers: tuple[TierPolicies, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from felixpy.model.policy import (
     ACTION_PASS,
     DEFAULT_TIER,
     EGRESS,
+    HEP_ALL_INTERFACES,
     INGRESS,
     KIND_GNP,
     KIND_KNP,
@@ -56,6 +57,7 @@ from felixpy.model.policy import (
     SA_LABEL_PREFIX,
     EndpointPort,
     EntityMatch,
+    HostEndpoint,
     IPNet,
     NetworkSet,
     Policy,
@@ -79,6 +81,7 @@ __all__ = [
     "TIER_DEFAULT_ORDERS",
     "endpoint_labels",
     "endpoint_ports",
+    "parse_host_endpoint",
     "parse_network_set",
     "parse_policy",
     "parse_profile",
@@ -801,6 +804,61 @@ def parse_network_set(res: Resource, global_: bool) -> NetworkSet:
     except InvalidResource as e:
         raise InvalidResource(f"{label}: {e}") from None
     return NetworkSet(namespace=namespace, name=name, labels=tuple(sorted(labels.items())), nets=nets)
+
+
+# Calico's interface name validation (and what the renderers accept): no "/", ":" or whitespace.
+_HEP_IFACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+def parse_host_endpoint(res: Resource) -> HostEndpoint:
+    """A HostEndpoint (cluster-scoped): ``spec.node`` (required), ``spec.interfaceName`` (a name or ``*``)
+    and/or ``spec.expectedIPs`` (at least one of them), ``spec.profiles``, ``spec.ports`` (named ports,
+    strictly validated: a bad entry rejects the resource, as Calico's validator does) and the labels of
+    ``metadata.labels``."""
+    name, _, spec = _metadata(res)
+    try:
+        if not name:
+            raise _err("metadata.name", "missing")
+        md = _obj(res.get("metadata"), "metadata")
+        labels = _str_map(md.get("labels"), "metadata.labels")
+        node = _str(spec.get("node"), "spec.node").strip()
+        if not node:
+            raise _err("spec.node", "missing")
+        iface = _str(spec.get("interfaceName"), "spec.interfaceName").strip()
+        if iface and iface != HEP_ALL_INTERFACES and not _HEP_IFACE_RE.match(iface):
+            raise _err("spec.interfaceName", f"invalid interface name {iface!r} (1-15 of A-Z a-z 0-9 _ . -, or '*')")
+        ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        for i, item in enumerate(_list(spec.get("expectedIPs"), "spec.expectedIPs")):
+            if not isinstance(item, str):
+                raise _err(f"spec.expectedIPs[{i}]", f"must be an IP address string, not {item!r}")
+            try:
+                ips.append(ipaddress.ip_address(item.strip()))
+            except ValueError:
+                raise _err(f"spec.expectedIPs[{i}]", f"invalid IP address {item!r}") from None
+        if not iface and not ips:
+            raise _err("spec", "give interfaceName or expectedIPs")
+        profiles: list[str] = []
+        for i, item in enumerate(_list(spec.get("profiles"), "spec.profiles")):
+            if not isinstance(item, str) or not item.strip():
+                raise _err(f"spec.profiles[{i}]", f"must be a profile name, not {item!r}")
+            profiles.append(item.strip())
+        ports: dict[EndpointPort, None] = {}
+        for i, p in enumerate(_list(spec.get("ports"), "spec.ports")):
+            where = f"spec.ports[{i}]"
+            p = _obj(p, where)
+            pname = _str(p.get("name"), where + ".name")
+            if not _PORT_NAME_RE.match(pname):
+                raise _err(where + ".name", f"invalid port name {pname!r}")
+            proto = str(p.get("protocol") or "TCP").strip().lower()
+            proto = {"6": "tcp", "17": "udp", "132": "sctp"}.get(proto, proto)
+            if proto not in NAMED_PORT_PROTOCOLS:
+                raise _err(where + ".protocol", f"must be TCP, UDP or SCTP, not {p.get('protocol')!r}")
+            ports[EndpointPort(pname, proto, _int(p.get("port"), where + ".port", 1, 65535))] = None
+    except InvalidResource as e:
+        raise InvalidResource(f"HostEndpoint {name}: {e}") from None
+    return HostEndpoint(name=name, node=node, iface=iface, expected_ips=tuple(dict.fromkeys(ips)),
+                        profiles=tuple(dict.fromkeys(profiles)), labels=tuple(sorted(labels.items())),
+                        ports=tuple(ports))
 
 
 def endpoint_ports(res: Resource) -> tuple[EndpointPort, ...]:

@@ -374,8 +374,10 @@ def test_static_and_dispatch() -> None:
     assert base is not None and (base.hook, base.priority) == ("forward", 0)
     assert [r.text for r in chains[CHAIN_FORWARD].rules] == [
         "meta mark set meta mark & 0xfff8ffff",
+        "jump filter-cali-from-hep-forward",
         'iifname "cali*" jump filter-cali-from-wl-dispatch',
-        'oifname "cali*" jump filter-cali-to-wl-dispatch']
+        'oifname "cali*" jump filter-cali-to-wl-dispatch',
+        "jump filter-cali-to-hep-forward"]
     assert [r.text for r in chains[CHAIN_FROM_WL_DISPATCH].rules] == [
         f"iifname vmap @{MAP_FROM_WL_DISPATCH}", "drop"]
     assert chains[CHAIN_WL_TO_HOST].rules[-1].text == "accept"

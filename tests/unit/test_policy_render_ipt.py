@@ -405,16 +405,18 @@ def test_endpoint_chain_missing_and_staged() -> None:
 
 def test_static_hooks_and_dispatch() -> None:
     chains = {c.name: [r.text for r in c.rules] for c in static_chains()}
-    assert chains[CHAIN_FORWARD] == ["-j MARK --set-mark 0/0x1f0000", "-i cali+ -j cali-from-wl-dispatch",
-                                     "-o cali+ -j cali-to-wl-dispatch"]
-    assert chains[CHAIN_INPUT] == ["-i cali+ -g cali-wl-to-host"]
+    assert chains[CHAIN_FORWARD] == ["-j MARK --set-mark 0/0x1f0000", "-j cali-from-hep-forward",
+                                     "-i cali+ -j cali-from-wl-dispatch", "-o cali+ -j cali-to-wl-dispatch",
+                                     "-j cali-to-hep-forward"]
+    assert chains[CHAIN_INPUT] == ["-i cali+ -g cali-wl-to-host", "-j MARK --set-mark 0/0x1f0000",
+                                   "-j cali-from-host-endpoint", "-m mark --mark 0x10000/0x10000 -j ACCEPT"]
     assert chains[CHAIN_WL_TO_HOST] == ["-j cali-from-wl-dispatch", "-j ACCEPT"]
     drop = {c.name: [r.text for r in c.rules] for c in static_chains(RenderOptions(endpoint_to_host_action="DROP"))}
     assert drop[CHAIN_WL_TO_HOST][-1] == "-j DROP"
     v6 = {c.name: [r.text for r in c.rules] for c in static_chains(V6)}
     assert v6[CHAIN_WL_TO_HOST][0] == "-p ipv6-icmp -m icmp6 --icmpv6-type 130 -j ACCEPT"
     other = {c.name: [r.text for r in c.rules] for c in static_chains(RenderOptions(iface_prefix="veth"))}
-    assert other[CHAIN_INPUT] == ["-i veth+ -g cali-wl-to-host"]
+    assert other[CHAIN_INPUT][0] == "-i veth+ -g cali-wl-to-host"
     h = {x.chain: x for x in hooks()}
     assert [r.text for r in h["FORWARD"].insert] == ["-j cali-FORWARD"]
     assert [(r.text, r.comment) for r in h["FORWARD"].append] == [

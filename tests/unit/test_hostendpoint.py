@@ -1,0 +1,316 @@
+"""HostEndpoints (pure parts): parsing, selection by the calculation graph, rendering on both backends, and
+the policy manager's desired state (no kernel; packets are in tests/integration/test_hostendpoint.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+
+from felixpy.calc.graph import CalcGraph
+from felixpy.dataplane import policy_render as nft
+from felixpy.dataplane import policy_render_ipt as ipt
+from felixpy.dataplane.drivers.iptables import IptablesDataplane
+from felixpy.dataplane.drivers.nftables import NftTable
+from felixpy.dataplane.masq_mgr import make_nat_backend
+from felixpy.dataplane.policy_mgr import PolicyManager
+from felixpy.datastore.api import KIND_GLOBAL_NETWORK_POLICY, KIND_HOST_ENDPOINT, KIND_PROFILE, Key
+from felixpy.datastore.syncer import Update
+from felixpy.model.policy import (
+    ACTION_ALLOW,
+    EGRESS,
+    INGRESS,
+    KIND_GNP,
+    ActivePolicyUpdate,
+    EndpointPolicyRemove,
+    EndpointPolicyUpdate,
+    EndpointPort,
+    IPSetUpdate,
+    Policy,
+    PolicyKey,
+    Rule,
+    TierPolicies,
+)
+from felixpy.model.policy_parse import parse_host_endpoint
+from felixpy.model.resources import InvalidResource
+
+NODE = "node1"
+DENY = PolicyKey(KIND_GNP, "", "deny-node")
+FWD = PolicyKey(KIND_GNP, "", "fwd")
+
+
+def hep(name: str = "node1-eth0", iface: str | None = "eth0", node: str = NODE, **spec: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {"node": node, **spec}
+    if iface is not None:
+        s["interfaceName"] = iface
+    return {"kind": "HostEndpoint", "metadata": {"name": name, "labels": {"role": "node"}}, "spec": s}
+
+
+def gnp(name: str, **spec: Any) -> dict[str, Any]:
+    return {"kind": "GlobalNetworkPolicy", "metadata": {"name": name}, "spec": spec}
+
+
+# -- parsing -------------------------------------------------------------------------------------------
+def test_parse_host_endpoint() -> None:
+    h = parse_host_endpoint(hep(expectedIPs=["10.0.0.1", "10.0.0.1", "fd00::1"], profiles=["p1"],
+                                ports=[{"name": "ssh", "protocol": "TCP", "port": 22},
+                                       {"name": "dns", "protocol": "UDP", "port": 53}]))
+    assert (h.name, h.node, h.iface, h.profiles) == ("node1-eth0", NODE, "eth0", ("p1",))
+    assert h.expected_ips == (ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("fd00::1"))
+    assert h.labels == (("role", "node"),)
+    assert h.ports == (EndpointPort("ssh", "tcp", 22), EndpointPort("dns", "udp", 53))
+    assert parse_host_endpoint(hep(iface="*")).iface == "*"
+    assert parse_host_endpoint(hep(iface=None, expectedIPs=["10.0.0.1"])).iface == ""
+
+
+@pytest.mark.parametrize(("res", "why"), [
+    (hep(node=""), "spec.node"),
+    (hep(iface="eth0/1"), "spec.interfaceName"),
+    (hep(iface="a-very-long-interface"), "spec.interfaceName"),
+    (hep(iface=None), "give interfaceName or expectedIPs"),
+    (hep(expectedIPs=["10.0.0.300"]), "spec.expectedIPs[0]"),
+    (hep(expectedIPs="10.0.0.1"), "spec.expectedIPs"),
+    (hep(profiles=[""]), "spec.profiles[0]"),
+    (hep(ports=[{"name": "ssh", "protocol": "ICMP", "port": 22}]), "spec.ports[0].protocol"),
+    (hep(ports=[{"name": "ssh", "port": 70000}]), "spec.ports[0].port"),
+    (hep(ports=[{"name": "-bad", "port": 22}]), "spec.ports[0].name"),
+    ({"kind": "HostEndpoint", "metadata": {"name": "x", "labels": {"a": 1}}, "spec": {"node": NODE,
+                                                                                      "interfaceName": "eth0"}},
+     "metadata.labels"),
+])
+def test_parse_host_endpoint_rejects(res: dict[str, Any], why: str) -> None:
+    with pytest.raises(InvalidResource) as e:
+        parse_host_endpoint(res)
+    assert why in str(e.value) and str(e.value).startswith("HostEndpoint ")
+
+
+# -- calculation graph ---------------------------------------------------------------------------------
+def graph() -> CalcGraph:
+    return CalcGraph(NODE, policy_enabled=True)
+
+
+def upd(kind: str, name: str, value: dict[str, Any] | None) -> Update:
+    return Update(Key(kind, name), value, "1")
+
+
+def eps(msgs: list[Any]) -> dict[str, EndpointPolicyUpdate]:
+    return {m.endpoint: m for m in msgs if isinstance(m, EndpointPolicyUpdate)}
+
+
+def test_graph_selects_local_host_endpoints() -> None:
+    g = graph()
+    g.on_updates([
+        upd(KIND_HOST_ENDPOINT, "node1-eth0", hep(expectedIPs=["10.66.0.1"])),
+        upd(KIND_HOST_ENDPOINT, "node2-eth0", hep("node2-eth0", node="node2", expectedIPs=["10.66.0.9"])),
+        upd(KIND_HOST_ENDPOINT, "bad", hep("bad", iface="eth0/x")),
+        upd(KIND_GLOBAL_NETWORK_POLICY, "deny-node", gnp("deny-node", selector="role == 'node'",
+                                                          types=["Ingress", "Egress"])),
+        # A rule selecting host endpoints: both nodes' expectedIPs are in its set.
+        upd(KIND_GLOBAL_NETWORK_POLICY, "fwd", gnp(
+            "fwd", selector="role == 'node'", order=10, applyOnForward=True, types=["Ingress"],
+            ingress=[{"action": "Allow", "source": {"selector": "role == 'node'"}}])),
+        upd(KIND_GLOBAL_NETWORK_POLICY, "prednat", gnp(
+            "prednat", selector="role == 'node'", preDNAT=True, applyOnForward=True, types=["Ingress"])),
+    ])
+    assert g.invalid_resources == 1
+    msgs = g.flush()
+    got = eps(msgs)
+    assert set(got) == {"hep:node1-eth0"}  # the other node's endpoint gets no chains here
+    e = got["hep:node1-eth0"]
+    assert (e.host, e.iface, e.profiles, e.name) == (True, "eth0", (), "hep:node1-eth0")
+    # Normal tiers: both normal policies (order), never the pre-DNAT one; forward: only applyOnForward.
+    assert e.tiers == (TierPolicies("default", "Deny", (FWD, DENY), (DENY,)),)
+    assert e.forward_tiers == (TierPolicies("default", "Deny", (FWD,), ()),)
+    sets = [m for m in msgs if isinstance(m, IPSetUpdate)]
+    assert len(sets) == 1 and sets[0].members == frozenset({ipaddress.ip_network("10.66.0.1/32"),
+                                                            ipaddress.ip_network("10.66.0.9/32")})
+
+    # Profiles: a host endpoint's profile labels apply; a label change drops the selection.
+    g.on_updates([upd(KIND_PROFILE, "p1", {"kind": "Profile", "metadata": {"name": "p1"},
+                                           "spec": {"labelsToApply": {"zone": "a"}}}),
+                  upd(KIND_HOST_ENDPOINT, "node1-eth0", hep(profiles=["p1"]) | {
+                      "metadata": {"name": "node1-eth0", "labels": {"role": "other"}}})])
+    e = eps(g.flush())["hep:node1-eth0"]
+    assert (e.tiers, e.forward_tiers, e.profiles) == ((), (), ("p1",))
+    g.on_updates([upd(KIND_GLOBAL_NETWORK_POLICY, "zone", gnp("zone", selector="zone == 'a'"))])
+    assert eps(g.flush())["hep:node1-eth0"].tiers[0].ingress == (PolicyKey(KIND_GNP, "", "zone"),)
+
+    # Deleted, or made invalid: removed.
+    g.on_updates([upd(KIND_HOST_ENDPOINT, "node1-eth0", hep(iface="")) ])
+    assert EndpointPolicyRemove("hep:node1-eth0") in g.flush()
+    assert g.invalid_resources == 2
+    g.on_updates([upd(KIND_HOST_ENDPOINT, "node1-eth0", hep()), upd(KIND_HOST_ENDPOINT, "node1-eth0", None)])
+    assert not eps(g.flush())
+
+
+def test_graph_expected_ips_only_host_endpoint_is_not_enforced() -> None:
+    g = graph()
+    g.on_updates([upd(KIND_HOST_ENDPOINT, "h", hep("h", iface=None, expectedIPs=["10.66.0.1"])),
+                  upd(KIND_GLOBAL_NETWORK_POLICY, "deny-node", gnp("deny-node", selector="role == 'node'"))])
+    assert not eps(g.flush())
+
+
+# -- rendering -----------------------------------------------------------------------------------------
+def hep_update(tiers: tuple[TierPolicies, ...] = (), forward: tuple[TierPolicies, ...] = (),
+               profiles: tuple[str, ...] = (), iface: str = "eth0") -> EndpointPolicyUpdate:
+    return EndpointPolicyUpdate("hep:h", iface, tiers, profiles, name="hep:h", host=True, forward_tiers=forward)
+
+
+def test_nft_host_endpoint_chains() -> None:
+    tiers = (TierPolicies("default", "Deny", (DENY,), (DENY,)),)
+    drops: dict[str, nft.DropKey] = {}
+    rules = [r.text for r in nft.render_endpoint_chain(hep_update(tiers), INGRESS, drops=drops,
+                                                       chain=nft.CHAIN_KIND_HOST)]
+    assert rules[:3] == ["ct state established,related accept", "ct state invalid drop",
+                         "jump filter-cali-failsafe-in"]
+    assert not any("4789" in r for r in rules)
+    assert "jump filter-cali-pi-gnp/deny-node" in " ".join(rules)
+    assert rules[-1].endswith("drop") and "counter name" in rules[-1]  # no profile: everything else drops
+    assert ("", "no-profile-matched", "ingress") in drops.values()
+    out = [r.text for r in nft.render_endpoint_chain(hep_update(tiers), EGRESS, chain=nft.CHAIN_KIND_HOST)]
+    assert out[2] == "jump filter-cali-failsafe-out" and not any("l4proto 4" in r for r in out)
+    # Forward chain: forward tiers only, no failsafe, no profiles, no final drop.
+    fwd = [r.text for r in nft.render_endpoint_chain(hep_update(tiers, (TierPolicies("default", "Deny", (FWD,), ()),),
+                                                                ("p",)), INGRESS, chain=nft.CHAIN_KIND_FORWARD)]
+    text = " ".join(fwd)
+    assert "failsafe" not in text and "pri-p" not in text and "gnp/deny-node" not in text
+    assert "jump filter-cali-pi-gnp/fwd" in text and "End of tier" not in text  # comments are separate
+    assert fwd[-1].startswith("meta mark & 0x00020000 == 0") and fwd[-1].endswith("drop")  # end of tier
+    with pytest.raises(nft.PolicyRenderError):
+        nft.render_endpoint_chain(hep_update(), INGRESS, chain="sideways")
+    assert nft.host_endpoint_chain_name("eth0", INGRESS) == "filter-cali-fh-eth0"
+    assert nft.host_endpoint_chain_name("eth0", EGRESS, True) == "filter-cali-thfw-eth0"
+    assert nft.host_endpoint_chain_name("*", INGRESS) == "filter-cali-fh-all/"
+
+
+def test_nft_static_failsafe_and_dispatch() -> None:
+    opts = nft.RenderOptions(failsafe_inbound=("tcp:22", "udp:10.0.0.0/8:68", "tcp:fd00::/8:23"),
+                             failsafe_outbound=("udp:53",))
+    chains = {c.name: [r.text for r in c.rules] for c in nft.static_chains(opts)}
+    assert chains[nft.CHAIN_FAILSAFE_IN] == ["tcp dport 22 accept", "ip saddr 10.0.0.0/8 udp dport 68 accept"]
+    assert chains[nft.CHAIN_FAILSAFE_OUT] == ["udp dport 53 accept"]
+    assert chains[nft.CHAIN_INPUT][1:] == ["meta mark set meta mark & 0xfff8ffff",
+                                           "jump filter-cali-from-host-endpoint",
+                                           "meta mark & 0x00010000 == 0x00010000 accept"]
+    assert chains[nft.CHAIN_OUTPUT][0] == 'oifname "cali*" return'
+    assert chains[nft.CHAIN_FROM_HEP] == [] and chains[nft.CHAIN_TO_HEP_FWD] == []
+    base = {c.name: c.base for c in nft.static_chains(opts)}[nft.CHAIN_BASE_OUTPUT]
+    assert base is not None and base.hook == "output"
+    d = {c.name: [r.text for r in c.rules]
+         for c in nft.host_dispatch_chains({"eth1": (False, True), "*": (True, False), "eth0": (False, False)})}
+    assert d[nft.CHAIN_FROM_HEP] == ['iifname "eth0" goto filter-cali-fh-eth0',
+                                     'iifname "eth1" goto filter-cali-fh-eth1',
+                                     'iifname != "cali*" goto filter-cali-fh-all/']
+    assert d[nft.CHAIN_FROM_HEP_FWD] == ['iifname != "cali*" goto filter-cali-fhfw-all/']
+    assert d[nft.CHAIN_TO_HEP_FWD] == ['oifname "eth1" goto filter-cali-thfw-eth1']
+    for bad in ("tcp", "icmp:1", "tcp:99999", "tcp:10.0.0.0/33:1", "tcp:a:b:c"):
+        with pytest.raises(ValueError):
+            nft.RenderOptions(failsafe_inbound=(bad,)).validate()
+    v6 = {c.name: [r.text for r in c.rules] for c in nft.static_chains(
+        nft.RenderOptions(ip_version=6, failsafe_inbound=opts.failsafe_inbound))}
+    assert v6[nft.CHAIN_FAILSAFE_IN] == ["tcp dport 22 accept", "ip6 saddr fd00::/8 tcp dport 23 accept"]
+
+
+def test_ipt_host_endpoint_chains_and_static() -> None:
+    tiers = (TierPolicies("default", "Deny", (DENY,), ()),)
+    rules = [r.text for r in ipt.render_endpoint_chain(hep_update(tiers), INGRESS, chain=ipt.CHAIN_KIND_HOST)]
+    assert rules[2] == "-j cali-failsafe-in" and rules[-1] == "-j DROP"
+    eg = [r.text for r in ipt.render_endpoint_chain(hep_update(tiers), EGRESS, chain=ipt.CHAIN_KIND_HOST)]
+    assert eg[2] == "-j cali-failsafe-out" and not any("4789" in r or "-p 4 " in r for r in eg)
+    fwd = [r.text for r in ipt.render_endpoint_chain(hep_update(tiers, tiers), INGRESS, chain=ipt.CHAIN_KIND_FORWARD)]
+    assert "-j cali-pi-gnp/deny-node" in " ".join(fwd) and "failsafe" not in " ".join(fwd)
+    assert fwd[-1] == "-m mark --mark 0/0x20000 -j DROP"
+    assert ipt.host_endpoint_chain_name("*", EGRESS, True) == "cali-thfw-all/"
+    assert ipt.host_endpoint_chain_name("abcdefghijklmno", EGRESS, True) == "cali-thfw-abcdefghijklmno"
+    opts = nft.RenderOptions(failsafe_inbound=("tcp:22", "udp:10.0.0.0/8:68"), failsafe_outbound=("tcp:6443",))
+    chains = {c.name: [r.text for r in c.rules] for c in ipt.static_chains(opts)}
+    assert chains[ipt.CHAIN_FAILSAFE_IN] == ["-p tcp -m tcp --dport 22 -j ACCEPT",
+                                             "-s 10.0.0.0/8 -p udp -m udp --dport 68 -j ACCEPT"]
+    assert chains[ipt.CHAIN_FAILSAFE_OUT] == ["-p tcp -m tcp --dport 6443 -j ACCEPT"]
+    assert chains[ipt.CHAIN_OUTPUT] == ["-o cali+ -j RETURN", "-j MARK --set-mark 0/0x1f0000",
+                                        "-j cali-to-host-endpoint", "-m mark --mark 0x10000/0x10000 -j ACCEPT"]
+    assert [r.text for r in {h.chain: h for h in ipt.hooks()}["OUTPUT"].insert] == ["-j cali-OUTPUT"]
+    d = {c.name: [r.text for r in c.rules]
+         for c in ipt.host_dispatch_chains({"eth0": (True, False), "*": (False, False)})}
+    assert d[ipt.CHAIN_FROM_HEP] == ["-i eth0 -g cali-fh-eth0", "! -i cali+ -g cali-fh-all/"]
+    assert d[ipt.CHAIN_TO_HEP] == ["-o eth0 -g cali-th-eth0", "! -o cali+ -g cali-th-all/"]
+    assert d[ipt.CHAIN_FROM_HEP_FWD] == ["-i eth0 -g cali-fhfw-eth0"] and d[ipt.CHAIN_TO_HEP_FWD] == []
+
+
+# -- the manager's desired state -------------------------------------------------------------------------
+def deny_policy(**kw: Any) -> Policy:
+    return Policy(DENY, "default", 100, "role == 'node'", (INGRESS, EGRESS), **kw)
+
+
+def fwd_policy() -> Policy:
+    return Policy(FWD, "default", 10, "role == 'node'", (INGRESS,), ingress=(Rule(ACTION_ALLOW),),
+                  apply_on_forward=True)
+
+
+def ipt_dataplane() -> IptablesDataplane:
+    dp, _masq = make_nat_backend("iptables", with_filter=True)
+    assert isinstance(dp, IptablesDataplane)
+    return dp
+
+
+@pytest.mark.parametrize("backend", ["nft", "ipt"])
+def test_manager_host_endpoints(backend: str) -> None:
+    if backend == "nft":
+        table = NftTable()
+        m = PolicyManager(table)
+        r: Any = nft
+
+        def rules(name: str) -> tuple[str, ...] | None:
+            return table.desired_rules(name)
+
+        def names() -> set[str]:
+            return set(table.chain_names())
+    else:
+        dp = ipt_dataplane()
+        f = dp.table("filter")
+        m = PolicyManager(dp)
+        r = ipt
+
+        def rules(name: str) -> tuple[str, ...] | None:
+            return f.desired_rules(name)
+
+        def names() -> set[str]:
+            return set(f.chain_names())
+
+    deny_tier = (TierPolicies("default", "Deny", (DENY,), (DENY,)),)
+    fwd_tier = (TierPolicies("default", "Deny", (FWD,), ()),)
+    # A workload and a host endpoint on the same manager; the workload dispatch never names eth0.
+    m.on_update(ActivePolicyUpdate(deny_policy()))
+    m.on_update(EndpointPolicyUpdate("ns1/a", "calia", (), ()))
+    m.on_update(hep_update(deny_tier))
+    m.complete_deferred_work()
+    assert m.errors == {}
+    assert m.endpoint_ifaces == {"calia"} and m.host_endpoint_ifaces == {"eth0"}
+    fh, th = r.host_endpoint_chain_name("eth0", INGRESS), r.host_endpoint_chain_name("eth0", EGRESS)
+    fhfw = r.host_endpoint_chain_name("eth0", INGRESS, True)
+    assert {fh, th} <= names() and fhfw not in names()
+    assert any("failsafe-in" in x for x in rules(fh) or ())
+    assert len(rules(r.CHAIN_FROM_HEP) or ()) == 1 and "eth0" in (rules(r.CHAIN_FROM_HEP) or ("",))[0]
+    assert rules(r.CHAIN_FROM_HEP_FWD) == ()
+    # An applyOnForward policy: the forward ingress chain and its dispatch appear.
+    m.on_update(ActivePolicyUpdate(fwd_policy()))
+    m.on_update(hep_update(deny_tier, fwd_tier))
+    m.complete_deferred_work()
+    assert m.errors == {} and fhfw in names()
+    assert fhfw.split()[-1] in (rules(r.CHAIN_FROM_HEP_FWD) or ("",))[0]
+    assert rules(r.CHAIN_TO_HEP_FWD) == ()
+    # Hidden (pre-DNAT) forward policy: no forward chain.
+    m.on_update(ActivePolicyUpdate(Policy(FWD, "default", 10, "role == 'node'", (INGRESS,), apply_on_forward=True,
+                                          pre_dnat=True)))
+    m.complete_deferred_work()
+    assert fhfw not in names() and rules(r.CHAIN_FROM_HEP_FWD) == ()
+    # The host endpoint goes: its chains and dispatch go, the workload stays.
+    m.on_update(EndpointPolicyRemove("hep:h"))
+    m.complete_deferred_work()
+    assert fh not in names() and th not in names() and rules(r.CHAIN_FROM_HEP) == ()
+    assert m.endpoint_ifaces == {"calia"} and m.host_endpoint_ifaces == frozenset()
+    # A bad interface is an error for that endpoint only.
+    m.on_update(hep_update(iface="bad iface"))
+    m.complete_deferred_work()
+    assert set(m.errors) == {"endpoint hep:h"}
