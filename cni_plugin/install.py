@@ -43,9 +43,45 @@ class InstallError(RuntimeError):
     pass
 
 
+def resolve_in_root(host_root: Path, path: str, max_links: int = 40) -> Path | None:
+    """``path`` as the host sees it: symlinks (absolute ones too, e.g. /etc/alternatives) are resolved
+    inside ``host_root``, never in our own container's filesystem. None for a missing file or a loop."""
+    parts = [p for p in path.split("/") if p]
+    cur: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if cur:
+                cur.pop()
+            continue
+        if part == ".":
+            continue
+        real = host_root.joinpath(*cur, part)
+        if real.is_symlink():
+            links += 1
+            if links > max_links:
+                return None
+            target = os.readlink(real)
+            if target.startswith("/"):
+                cur = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        if not real.exists():
+            return None
+        cur.append(part)
+    return host_root.joinpath(*cur)
+
+
+def host_python_ok(host_root: Path, python: str) -> bool:
+    """A regular, executable file at ``python`` on the host (following the host's own symlinks)."""
+    real = resolve_in_root(host_root, python)
+    return real is not None and real.is_file() and os.access(real, os.X_OK)
+
+
 def find_host_python(host_root: Path) -> str:
     for cand in PYTHON_CANDIDATES:
-        if (host_root / cand.lstrip("/")).exists():
+        if host_python_ok(host_root, cand):
             return cand
     raise InstallError(f"no python3 found on the host under {host_root} (looked for {PYTHON_CANDIDATES}); "
                        "felixpy's CNI client needs the host's python3")
@@ -137,6 +173,8 @@ def run_install(env: Mapping[str, str], *, host_root: Path = Path("/host"), bin_
     bdir = bin_dir or host_root / "opt/cni/bin"
     ndir = net_dir or host_root / env.get("CNI_NET_DIR", "/etc/cni/net.d").lstrip("/")
     python = env.get("FELIXPY_HOST_PYTHON") or find_host_python(host_root)
+    if not host_python_ok(host_root, python):
+        raise InstallError(f"FELIXPY_HOST_PYTHON={python!r} is not an executable file on the host under {host_root}")
     installed = install_binaries(bdir, python)
     installed += install_bundled_plugins(bdir, Path(env.get("FELIXPY_BUNDLED_CNI_DIR", BUNDLED_CNI_DIR)),
                                          update=env.get("UPDATE_CNI_BINARIES", "true").lower() != "false")

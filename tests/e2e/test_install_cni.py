@@ -31,12 +31,19 @@ from tests.unit.test_config import _find, container_env
 pytestmark = [pytest.mark.root, pytest.mark.realparts]
 
 
+def _fake_python(root: Path) -> None:
+    """The host's /usr/bin/python3 as install-cni checks it: an executable file inside the host root (the
+    installed client's shebang is then run by this machine's own /usr/bin/python3)."""
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/python3").write_text("#!/bin/sh\nexec /usr/bin/python3 \"$@\"\n")
+    (root / "usr/bin/python3").chmod(0o755)
+
+
 def _host_root(tmp_path: Path) -> Path:
     """A fake host filesystem: a python3 (what install-cni checks for) and the host's reference plugins
     in /opt/cni/bin (kubeadm's kubernetes-cni package puts portmap & co. there)."""
     root = tmp_path / "host"
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "usr/bin/python3").symlink_to("/usr/bin/python3")
+    _fake_python(root)
     make_cni_bin_dir(root / "opt/cni/bin")
     return root
 
@@ -85,8 +92,7 @@ def test_install_renders_the_configmap_template(tmp_path: Path) -> None:
 
 def test_install_reports_missing_chained_plugins(tmp_path: Path) -> None:
     root = tmp_path / "host"
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "usr/bin/python3").symlink_to("/usr/bin/python3")
+    _fake_python(root)
     p = _install(root)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["missing_plugins"] == "portmap"
@@ -96,8 +102,7 @@ def test_install_reports_missing_chained_plugins(tmp_path: Path) -> None:
 def test_bundled_plugins_are_installed_and_update_can_be_turned_off(tmp_path: Path) -> None:
     """The image ships portmap & co. in a bundled dir; install-cni copies them like Calico's image does."""
     root = tmp_path / "host"
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "usr/bin/python3").symlink_to("/usr/bin/python3")
+    _fake_python(root)
     bundled = tmp_path / "bundled"
     bundled.mkdir()
     (bundled / "portmap").write_bytes(Path("/usr/lib/cni/portmap").read_bytes())
@@ -179,3 +184,30 @@ def test_containerd_runs_pods_through_the_installed_files(tmp_path: Path, agent:
             assert not [ip for ip in used if ipaddress.ip_address(ip) in ipaddress.ip_network(pool)]
     finally:
         remove_idle_portmap_chains(before)
+
+
+def test_host_python_is_resolved_in_the_host_root(tmp_path: Path) -> None:
+    """Symlinks are followed inside the host root (RHEL's /etc/alternatives), and a dangling one is refused
+    even when the same path exists in our own filesystem."""
+    from cni_plugin.install import InstallError, find_host_python
+
+    alt = tmp_path / "rhel"
+    (alt / "usr/bin").mkdir(parents=True)
+    (alt / "etc/alternatives").mkdir(parents=True)
+    (alt / "usr/libexec").mkdir(parents=True)
+    real = alt / "usr/libexec/platform-python3.9"
+    real.write_text("#!/bin/sh\n")
+    real.chmod(0o755)
+    (alt / "etc/alternatives/python3").symlink_to("/usr/libexec/platform-python3.9")  # absolute, host-relative
+    (alt / "usr/bin/python3").symlink_to("/etc/alternatives/python3")
+    assert find_host_python(alt) == "/usr/bin/python3"
+
+    broken = tmp_path / "broken"
+    (broken / "usr/bin").mkdir(parents=True)
+    # /usr/bin/python3.11 exists in this (the installer's) filesystem, but not on that host.
+    (broken / "usr/bin/python3").symlink_to("/usr/bin/python3.11")
+    with pytest.raises(InstallError, match="no python3 found"):
+        find_host_python(broken)
+    p = _install(broken, {"FELIXPY_HOST_PYTHON": "/usr/bin/python3"})
+    assert p.returncode == 1 and "not an executable file on the host" in p.stderr
+    assert not (broken / "etc/cni/net.d/10-calico.conflist").exists()
