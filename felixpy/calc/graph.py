@@ -45,7 +45,15 @@ from felixpy.datastore.api import (
 from felixpy.datastore.syncer import Update
 from felixpy.ipam.pools import InvalidPoolError, parse_pool
 from felixpy.model import policy_parse
-from felixpy.model.policy import HEP_ID_PREFIX, HostEndpoint, PolicyKey, Profile
+from felixpy.model.policy import (
+    ALL_HOSTS_SET_ID,
+    HEP_ID_PREFIX,
+    HostEndpoint,
+    IPSetDeltaUpdate,
+    IPSetUpdate,
+    PolicyKey,
+    Profile,
+)
 from felixpy.model.resources import InvalidResource, parse_block, parse_node, parse_wep
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,10 @@ class CalcGraph:
         self._policy_keys: dict[Key, PolicyKey] = {}
         self._policy_dirty: set[Key] = set()
         self._heps: dict[Key, HostEndpoint] = {}  # valid HostEndpoints, every node (their IPs feed IP sets)
+        # Every node's IPv4 address (ALL_HOSTS_SET_ID: the sources allowed to send this host VXLAN/IPIP
+        # whatever the host endpoint policy); recomputed only when a Node changed.
+        self._hosts_dirty = True
+        self._hosts_sent: frozenset[ipaddress.IPv4Network] | None = None
         self.bgp = BgpCalculator(node, router_id_setting=router_id_setting, enabled=bgp_enabled,
                                  hold_time=bgp_hold_time)
 
@@ -104,6 +116,8 @@ class CalcGraph:
 
     def _route_input(self, u: Update) -> None:
         key, value = u.key, u.value
+        if key.kind == KIND_NODE:
+            self._hosts_dirty = True
         try:
             if key.kind == KIND_NODE:
                 self.routes.set_node(key.name, parse_node(value) if value is not None else None)
@@ -231,6 +245,21 @@ class CalcGraph:
                                  addrs=[ipaddress.ip_network(a) for a in hep.expected_ips],
                                  ports=hep.ports, name=HEP_ID_PREFIX + key.name, host=True)
 
+    def _all_hosts(self) -> list[Message]:
+        """The all-hosts IP set when a Node changed: the full set first, then deltas if the policy
+        calculator sends deltas (an unchanged membership sends nothing)."""
+        if not self._hosts_dirty:
+            return []
+        self._hosts_dirty = False
+        want = frozenset(ipaddress.IPv4Network(n.ipv4.ip) for n in self.routes.nodes.values() if n.ipv4 is not None)
+        have = self._hosts_sent
+        if want == (have or frozenset()):  # never sent and empty: nothing to say (a missing set is empty)
+            return []
+        self._hosts_sent = want
+        if have is None or not self.policy.ip_set_deltas:
+            return [IPSetUpdate(ALL_HOSTS_SET_ID, frozenset(want))]
+        return [IPSetDeltaUpdate(ALL_HOSTS_SET_ID, added=frozenset(want - have), removed=frozenset(have - want))]
+
     def _bgp_input(self, u: Update) -> None:
         from bgp import peers as bgp_peers
 
@@ -349,7 +378,7 @@ class CalcGraph:
         policy_msgs: list[Message] = []
         if self.policy_enabled:
             self._policy_endpoints()
-            policy_msgs = list(self.policy.flush())
+            policy_msgs = [*self._all_hosts(), *self.policy.flush()]
         # Route removals go before endpoint/block removals' counterpart updates; route updates last, so
         # pools and tunnel devices are known before the routes that use them.
         # Policy before the endpoints' routes: a pod is never reachable before its chains exist.

@@ -30,6 +30,12 @@ Host endpoints (``EndpointPolicyUpdate.host``) live in their own slots (``hep:<i
 endpoint never competes with a workload for an interface): chains ``fh``/``th`` (normal policy, failsafe
 first) always, ``fhfw``/``thfw`` only in a direction that has applyOnForward policies; the four host
 dispatch chains are rewritten when the set of host endpoints or their forward chains change.
+
+Overlay between nodes: the static INPUT/OUTPUT chains accept IPIP / VXLAN from/to the all-hosts set
+(``ALL_HOSTS_SET_ID``, from the calculation layer) before host endpoint policy, as Felix does, while
+``RenderOptions.ipip_enabled`` / ``vxlan_enabled`` say so, or while the pools use that encapsulation
+(``HostTunnelUpdate``; the static chains are rewritten when that changes). A referenced all-hosts set
+that has not arrived is programmed empty, like any other.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from felixpy import metrics
+from felixpy.calc.messages import HostTunnelUpdate
 from felixpy.dataplane import policy_render as nft_render
 from felixpy.dataplane import policy_render_ipt as ipt_render
 from felixpy.dataplane.drivers.iptables import IptablesDataplane, IptablesTable
@@ -58,6 +65,7 @@ from felixpy.dataplane.policy_render import (
     PolicyRenderError,
     RenderOptions,
     rules_set_ids,
+    static_set_ids,
 )
 from felixpy.model.policy import (
     EGRESS,
@@ -294,6 +302,7 @@ class PolicyManager:
         if isinstance(self._b, _IptBackend):
             ipt_render.scratch_marks(opts.marks)  # the match blocks need two more bits
         self.options = opts
+        self._base_options = opts  # the configured flags; HostTunnelUpdate can only add encapsulations
         self.ip_version = fam
         # Desired input.
         self._sets: dict[str, frozenset[SetMember]] = {}
@@ -309,6 +318,7 @@ class PolicyManager:
         self._dirty_profiles: set[str] = set()
         self._dirty_ifaces: set[str] = set()
         self._static_done = False
+        self._static_ever = False
         self._dispatch_dirty = True
         self._hep_dispatch_dirty = False  # the static chains start with empty host dispatch chains
         self._hep_fwd: dict[str, tuple[bool, bool]] = {}  # pushed host endpoint iface -> forward chains in/out
@@ -331,7 +341,14 @@ class PolicyManager:
 
     # -- messages (cheap) ---------------------------------------------------------------------------
     def on_update(self, msg: object) -> None:
-        if isinstance(msg, IPSetUpdate):
+        if isinstance(msg, HostTunnelUpdate):
+            base = self._base_options
+            opts = replace(self.options, vxlan_enabled=base.vxlan_enabled or msg.vxlan_enabled,
+                           ipip_enabled=base.ipip_enabled or msg.ipip_enabled)
+            if opts != self.options:
+                self.options = opts
+                self._static_done = False
+        elif isinstance(msg, IPSetUpdate):
             if self._sets.get(msg.set_id) != msg.members:
                 self._sets[msg.set_id] = msg.members
                 self._dirty_sets.add(msg.set_id)
@@ -389,7 +406,9 @@ class PolicyManager:
     def complete_deferred_work(self) -> None:
         if not self._static_done:
             self._b.write_static(self.options)
-            self._static_done = True
+            if self._static_ever:  # a rewrite resets the dispatch chains it declares: rewrite them too
+                self._dispatch_dirty = self._hep_dispatch_dirty = True
+            self._static_done = self._static_ever = True
         changed_chains: set[str] = set()  # policy/profile chains that appeared, went or changed visibility
         for key in sorted(self._dirty_policies, key=lambda k: k.id):
             changed_chains |= self._sync_policy(key)
@@ -523,7 +542,7 @@ class PolicyManager:
 
     # -- IP sets ------------------------------------------------------------------------------------
     def _sync_sets(self) -> None:
-        referenced = frozenset(s for ids in self._chain_sets.values() for s in ids)
+        referenced = frozenset(s for ids in self._chain_sets.values() for s in ids) | static_set_ids(self.options)
         todo = self._dirty_sets | (referenced ^ self._referenced)
         self._referenced = referenced
         self._dirty_sets = set()

@@ -40,6 +40,12 @@ attributed to endpoint, tier and policy), returns as soon as A is set, drops at 
 passed (unless the tier's default action is Pass), then tries the profiles the same way and finally drops.
 Only ``filter-FORWARD`` (A set) and the workload-to-host chain give the final ``accept``, so one place
 decides, as in Felix.
+
+Overlay between nodes (Felix's filterInputChain / filterOutputChain, felix/rules/static.go): with
+``RenderOptions.ipip_enabled`` / ``vxlan_enabled``, ``filter-cali-INPUT`` starts by accepting IPIP (proto 4)
+/ VXLAN (udp dport ``vxlan_port``) from the all-hosts set (``cali40all-hosts-net``) to a local address and
+dropping the rest of it, and ``filter-cali-OUTPUT`` accepts the same from a local address to the set before
+host endpoint egress, so no host endpoint policy can cut the pod network between nodes.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from felixpy.model.policy import (
     ACTION_DENY,
     ACTION_PASS,
     ACTIONS,
+    ALL_HOSTS_SET_ID,
     EGRESS,
     HEP_ALL_INTERFACES,
     INGRESS,
@@ -180,6 +187,10 @@ class RenderOptions:
     - ``allow_vxlan_from_workloads`` / ``allow_ipip_from_workloads``: otherwise encapsulated packets sent
       by a workload are dropped first thing in its egress chain.
     - ``drop_invalid``: ``ct state invalid drop`` (DisableConntrackInvalidCheck=false).
+    - ``vxlan_enabled`` / ``ipip_enabled``: this node runs the IPv4 VXLAN / IPIP overlay, so INPUT accepts
+      it from the all-hosts set (and drops it from anywhere else) and OUTPUT accepts it to that set, before
+      host endpoint policy (Felix's VXLANEnabled / IPIPEnabled; the policy manager turns them on from the
+      pools too). Only rendered for IPv4.
     """
 
     ip_version: int = 4
@@ -199,6 +210,8 @@ class RenderOptions:
     # remote side: source inbound, destination outbound), from Config.failsafe_inbound/_outbound.
     failsafe_inbound: tuple[str, ...] = DEFAULT_FAILSAFE_IN
     failsafe_outbound: tuple[str, ...] = DEFAULT_FAILSAFE_OUT
+    vxlan_enabled: bool = False
+    ipip_enabled: bool = False
 
     def validate(self) -> None:
         if self.ip_version not in (4, 6):
@@ -307,11 +320,46 @@ def nft_set_name(set_id: str, ip_version: int) -> str:
     """Felix's IP set name (``cali`` + version + ``0`` + id) made legal for nft (``:`` -> ``-``).
     Only typed ids (``s:...`` selectors, ``n:...`` named ports) are accepted, so a dynamic set can never
     take the name of a static one such as the NAT manager's ``cali40masq-ipam-pools``."""
-    if not isinstance(set_id, str) or not _SET_ID_RE.match(set_id):
+    if not isinstance(set_id, str) or not (_SET_ID_RE.match(set_id) or set_id == ALL_HOSTS_SET_ID):
         raise PolicyRenderError(f"invalid IP set id {set_id!r} (want '<type letter>:<id>')")
     if ip_version not in (4, 6):
         raise PolicyRenderError(f"invalid IP version {ip_version!r}")
     return legal_set_name(f"cali{ip_version}0{set_id}")
+
+
+def static_set_ids(opts: RenderOptions) -> frozenset[str]:
+    """The IP sets the static chains refer to (the all-hosts set while an IPv4 overlay is on)."""
+    if opts.ip_version == 4 and (opts.vxlan_enabled or opts.ipip_enabled):
+        return frozenset({ALL_HOSTS_SET_ID})
+    return frozenset()
+
+
+def overlay_rules(opts: RenderOptions, inbound: bool) -> list[NftRule]:
+    """Felix's overlay allowances (felix/rules/static.go filterInputChain / filterOutputChain): inbound,
+    IPIP / VXLAN from a Calico host to a local address is accepted and the rest of it dropped; outbound,
+    the same from a local address to a Calico host is accepted. The protocol by number, as Felix does."""
+    if opts.ip_version != 4:
+        return []
+    hosts = "@" + nft_set_name(ALL_HOSTS_SET_ID, 4)
+    out: list[NftRule] = []
+    vxlan = f"meta l4proto udp udp dport {opts.vxlan_port}"
+    if inbound:
+        if opts.ipip_enabled:
+            out += [NftRule(f"meta l4proto 4 ip saddr {hosts} fib daddr type local accept",
+                            "Allow IPIP packets from Calico hosts"),
+                    NftRule("meta l4proto 4 drop", "Drop IPIP packets from non-Calico hosts")]
+        if opts.vxlan_enabled:
+            out += [NftRule(f"{vxlan} ip saddr {hosts} fib daddr type local accept",
+                            "Allow IPv4 VXLAN packets from allowed hosts"),
+                    NftRule(f"{vxlan} fib daddr type local drop", "Drop IPv4 VXLAN packets from non-allowed hosts")]
+        return out
+    if opts.ipip_enabled:
+        out.append(NftRule(f"meta l4proto 4 ip daddr {hosts} fib saddr type local accept",
+                           "Allow IPIP packets to other Calico hosts"))
+    if opts.vxlan_enabled:
+        out.append(NftRule(f"{vxlan} fib saddr type local ip daddr {hosts} accept",
+                           "Allow IPv4 VXLAN packets to other allowed hosts"))
+    return out
 
 
 def set_id_for_selector(selector: str) -> str:
@@ -778,6 +826,7 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
         )),
         ChainSpec(CHAIN_BASE_INPUT, (NftRule(f"jump {CHAIN_INPUT}"),), BaseChain("filter", "input", PRIO_FILTER)),
         ChainSpec(CHAIN_INPUT, (
+            *overlay_rules(opts, True),
             NftRule(f"iifname {wild} goto {CHAIN_WL_TO_HOST}"),
             clear,
             NftRule(f"jump {CHAIN_FROM_HEP}"),
@@ -788,6 +837,7 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
         ChainSpec(CHAIN_OUTPUT, (
             # Host -> workload traffic is the workload's ingress policy's business (FORWARD never sees it).
             NftRule(f"oifname {wild} return"),
+            *overlay_rules(opts, False),
             clear,
             NftRule(f"jump {CHAIN_TO_HEP}"),
             NftRule(f"meta mark & {accept} == {accept} accept", "Host endpoint policy accepted packet."),

@@ -22,7 +22,10 @@ The iptables twin of :mod:`felixpy.dataplane.policy_render`, with Calico's iptab
   ``cali-OUTPUT`` clear the marks, jump to ``cali-from-host-endpoint`` / ``cali-to-host-endpoint`` and
   ACCEPT on A ("Host endpoint policy accepted packet."); ``cali-FORWARD`` runs ``cali-from-hep-forward``
   first and ``cali-to-hep-forward`` last; endpoint chains ``cali-fh-`` / ``cali-th-`` (failsafe jump to
-  ``cali-failsafe-in`` / ``-out`` after conntrack) and ``cali-fhfw-`` / ``cali-thfw-``.
+  ``cali-failsafe-in`` / ``-out`` after conntrack) and ``cali-fhfw-`` / ``cali-thfw-``;
+- the overlay allowances of the nft renderer (:func:`overlay_rules`): IPIP (``-p 4``) / VXLAN from the
+  ``cali40all-hosts-net`` ipset to a ``LOCAL`` address first in ``cali-INPUT`` (the rest dropped), and to
+  it from a local address in ``cali-OUTPUT`` before host endpoint egress.
 
 Verdicts and marks are the nft renderer's: a policy chain never accepts; Allow sets A and returns, Pass
 sets P and returns, Deny sets the drop bit D and returns (Calico 3.30+; the endpoint chain drops and counts
@@ -73,6 +76,7 @@ from felixpy.model.policy import (
     ACTION_DENY,
     ACTION_PASS,
     ACTIONS,
+    ALL_HOSTS_SET_ID,
     EGRESS,
     HEP_ALL_INTERFACES,
     INGRESS,
@@ -222,11 +226,38 @@ def ipset_name(set_id: str, ip_version: int) -> str:
     """Felix's IP set name: ``cali`` + version + ``0`` + id, cut to 31 characters. Only typed ids
     (``s:`` selectors, ``n:`` named ports) are accepted, so a dynamic set never takes a static name
     such as the NAT manager's ``cali40masq-ipam-pools``."""
-    if not isinstance(set_id, str) or not _SET_ID_RE.match(set_id):
+    if not isinstance(set_id, str) or not (_SET_ID_RE.match(set_id) or set_id == ALL_HOSTS_SET_ID):
         raise PolicyRenderError(f"invalid IP set id {set_id!r} (want '<type letter>:<id>')")
     if ip_version not in (4, 6):
         raise PolicyRenderError(f"invalid IP version {ip_version!r}")
     return f"cali{ip_version}0{set_id}"[:MAX_IPSET_NAME]
+
+
+def overlay_rules(opts: RenderOptions, inbound: bool) -> list[IptRule]:
+    """Felix's overlay allowances (felix/rules/static.go): see the nft renderer's ``overlay_rules``."""
+    if opts.ip_version != 4:
+        return []
+    hosts = ipset_name(ALL_HOSTS_SET_ID, 4)
+    out: list[IptRule] = []
+    vxlan = f"-p udp -m udp --dport {opts.vxlan_port}"
+    if inbound:
+        if opts.ipip_enabled:
+            out += [IptRule(f"-p 4 -m set --match-set {hosts} src -m addrtype --dst-type LOCAL -j ACCEPT",
+                            "Allow IPIP packets from Calico hosts"),
+                    IptRule("-p 4 -j DROP", "Drop IPIP packets from non-Calico hosts")]
+        if opts.vxlan_enabled:
+            out += [IptRule(f"{vxlan} -m set --match-set {hosts} src -m addrtype --dst-type LOCAL -j ACCEPT",
+                            "Allow IPv4 VXLAN packets from allowed hosts"),
+                    IptRule(f"{vxlan} -m addrtype --dst-type LOCAL -j DROP",
+                            "Drop IPv4 VXLAN packets from non-allowed hosts")]
+        return out
+    if opts.ipip_enabled:
+        out.append(IptRule(f"-p 4 -m set --match-set {hosts} dst -m addrtype --src-type LOCAL -j ACCEPT",
+                           "Allow IPIP packets to other Calico hosts"))
+    if opts.vxlan_enabled:
+        out.append(IptRule(f"{vxlan} -m addrtype --src-type LOCAL -m set --match-set {hosts} dst -j ACCEPT",
+                           "Allow IPv4 VXLAN packets to other allowed hosts"))
+    return out
 
 
 def ipset_members(nets: Iterable[object], ip_version: int) -> list[IPNet]:
@@ -703,10 +734,11 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
             IptRule(f"-o {wild} -j {CHAIN_TO_WL_DISPATCH}"),
             IptRule(f"-j {CHAIN_TO_HEP_FWD}"),
         )),
-        ChainSpec(CHAIN_INPUT, (IptRule(f"-i {wild} -g {CHAIN_WL_TO_HOST}"), clear,
+        ChainSpec(CHAIN_INPUT, (*overlay_rules(opts, True), IptRule(f"-i {wild} -g {CHAIN_WL_TO_HOST}"), clear,
                                 IptRule(f"-j {CHAIN_FROM_HEP}"), accepted)),
         # Host -> workload traffic is the workload's ingress policy's business.
-        ChainSpec(CHAIN_OUTPUT, (IptRule(f"-o {wild} -j RETURN"), clear, IptRule(f"-j {CHAIN_TO_HEP}"), accepted)),
+        ChainSpec(CHAIN_OUTPUT, (IptRule(f"-o {wild} -j RETURN"), *overlay_rules(opts, False), clear,
+                                 IptRule(f"-j {CHAIN_TO_HEP}"), accepted)),
         ChainSpec(CHAIN_FAILSAFE_IN, tuple(IptRule(r) for r in failsafe_rules(opts.failsafe_inbound, True, v))),
         ChainSpec(CHAIN_FAILSAFE_OUT, tuple(IptRule(r) for r in failsafe_rules(opts.failsafe_outbound, False, v))),
         ChainSpec(CHAIN_WL_TO_HOST, tuple(to_host)),

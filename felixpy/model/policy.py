@@ -146,6 +146,12 @@ class NetworkSet:
     nets: tuple[IPNet, ...]
 
 
+# The IP set of every node's address (Felix's IPSetIDAllHostNets, ``cali40all-hosts-net``): the sources
+# allowed to send VXLAN / IPIP to this host whatever the host endpoint policy. A fixed id, untyped on
+# purpose: no selector or named-port set can take its name.
+ALL_HOSTS_SET_ID = "all-hosts-net"
+
+
 def selector_set_id(selector: str) -> str:
     """The IP set for an effective selector: 's:' + 22 base32 chars of sha256 of the normalised text.
     (The calculator normalises through felixpy.model.selector before calling this.)"""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from felixpy.calc.graph import CalcGraph
 from felixpy.calc.policy import PolicyCalculator
 from felixpy.dataplane.drivers.iptables import IptablesDataplane
 from felixpy.dataplane.drivers.nftables import NftTable
@@ -30,6 +32,8 @@ from felixpy.dataplane.policy_mgr import PolicyManager
 from felixpy.dataplane.policy_render import RenderOptions
 from felixpy.dataplane.shims.netns import in_netns, write_sysctl
 from felixpy.dataplane.shims.nft import Nft
+from felixpy.datastore.api import KIND_IPPOOL, KIND_NODE, Key
+from felixpy.datastore.syncer import Update
 from felixpy.model.policy import HEP_ID_PREFIX, LABEL_NAMESPACE
 from felixpy.model.policy_parse import endpoint_labels, parse_host_endpoint, parse_policy, parse_profile
 
@@ -294,3 +298,113 @@ def test_host_endpoint_without_policy_or_profile_drops_all_but_failsafe(lab: Lab
     res["spec"]["profiles"] = [allow.name]
     lab.set_hep(res)
     assert lab.tcp("client", NODE_IP, 8080) and lab.tcp("node", CLIENT_IP, 9999)
+
+
+# -- the overlay between nodes survives a deny-all host endpoint (Felix's "allow VXLAN/IPIP from hosts") ----
+OTHER_IP = "10.66.0.3"  # a second address of the client namespace: never a Calico host
+
+
+def _send(lab: Lab, src: str, src_ip: str, dst_ip: str, proto: str, port: int = 0) -> bytes | None:
+    """A UDP datagram (``proto`` "udp", to ``port``) or an IPIP packet (IP proto 4: a fake inner IPv4
+    header, then a token) from ``src_ip``; returns the token, or None if OUTPUT refused it (EPERM)."""
+    token = secrets.token_bytes(8)
+    with in_netns(f"/run/netns/{lab.ns[src]}"):
+        if proto == "udp":
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        else:
+            c = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+    try:
+        c.bind((src_ip, 0))
+        if proto == "udp":
+            c.sendto(token, (dst_ip, port))
+        else:
+            inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(token), 0, 0, 64, 17, 0,
+                                socket.inet_aton("10.65.1.1"), socket.inet_aton(POD_IP))
+            c.sendto(inner + token, (dst_ip, 0))
+        return token
+    except OSError:
+        return None
+    finally:
+        c.close()
+
+
+def _arrived(receiver: socket.socket, token: bytes | None) -> bool:
+    if token is None:
+        return False
+    receiver.settimeout(1.0)
+    try:
+        while True:
+            data, _ = receiver.recvfrom(2048)
+            if data.endswith(token):  # a raw socket gets the outer IP header too
+                return True
+    except (TimeoutError, OSError):
+        return False
+
+
+def _raw_ipip(lab: Lab, where: str) -> socket.socket:
+    """Sees every IPIP packet delivered locally (after INPUT: a packet dropped there never shows)."""
+    with in_netns(f"/run/netns/{lab.ns[where]}"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+    lab.servers.append(s)
+    return s
+
+
+def test_overlay_from_hosts_passes_deny_all_host_endpoint(lab: Lab) -> None:
+    sh("ip", "-n", lab.ns["client"], "addr", "add", f"{OTHER_IP}/24", "dev", "eth0")
+    node_vxlan = lab.serve("node", 4789, socket.SOCK_DGRAM)
+    node_other = lab.serve("node", 5353, socket.SOCK_DGRAM)
+    client_vxlan = lab.serve("client", 4789, socket.SOCK_DGRAM)
+    node_ipip, client_ipip = _raw_ipip(lab, "node"), _raw_ipip(lab, "client")
+    # Node resources and pools through the calculation graph: the all-hosts set is both nodes' addresses
+    # (the client plays the other node), and the pools turn VXLAN and IPIP on (HostTunnelUpdate).
+    g = CalcGraph(NODE, policy_enabled=True)
+    g.on_updates([
+        Update(Key(KIND_NODE, NODE), {"kind": "Node", "metadata": {"name": NODE},
+                                      "spec": {"bgp": {"ipv4Address": f"{NODE_IP}/24"}}}, "1"),
+        Update(Key(KIND_NODE, "node2"), {"kind": "Node", "metadata": {"name": "node2"},
+                                         "spec": {"bgp": {"ipv4Address": f"{CLIENT_IP}/24"}}}, "1"),
+        Update(Key(KIND_IPPOOL, "vx"), {"kind": "IPPool", "metadata": {"name": "vx"},
+                                        "spec": {"cidr": "10.65.0.0/24", "vxlanMode": "Always"}}, "1"),
+        Update(Key(KIND_IPPOOL, "ipip"), {"kind": "IPPool", "metadata": {"name": "ipip"},
+                                          "spec": {"cidr": "10.65.1.0/24", "ipipMode": "Always"}}, "1"),
+    ])
+    for m in g.flush():
+        lab.mgr.on_update(m)
+    lab.set_policy(DENY_ALL)
+    lab.set_hep(hep())
+    assert lab.mgr.options.vxlan_enabled and lab.mgr.options.ipip_enabled
+
+    # In: VXLAN and IPIP from the other node reach the node; from a non-host address they are dropped,
+    # and anything else from the other node still meets the deny-all policy.
+    assert _arrived(node_vxlan, _send(lab, "client", CLIENT_IP, NODE_IP, "udp", 4789))
+    assert not _arrived(node_vxlan, _send(lab, "client", OTHER_IP, NODE_IP, "udp", 4789))
+    assert _arrived(node_ipip, _send(lab, "client", CLIENT_IP, NODE_IP, "ipip"))
+    assert not _arrived(node_ipip, _send(lab, "client", OTHER_IP, NODE_IP, "ipip"))
+    assert not _arrived(node_other, _send(lab, "client", CLIENT_IP, NODE_IP, "udp", 5353))
+    # Out: to the other node passes host endpoint egress; to a non-host address it does not.
+    assert _arrived(client_vxlan, _send(lab, "node", NODE_IP, CLIENT_IP, "udp", 4789))
+    assert not _arrived(client_vxlan, _send(lab, "node", NODE_IP, OTHER_IP, "udp", 4789))
+    assert _arrived(client_ipip, _send(lab, "node", NODE_IP, CLIENT_IP, "ipip"))
+    assert not _arrived(client_ipip, _send(lab, "node", NODE_IP, OTHER_IP, "ipip"))
+
+    # The other node's address changes: the set follows, the old address is a stranger now.
+    g.on_updates([Update(Key(KIND_NODE, "node2"), {"kind": "Node", "metadata": {"name": "node2"},
+                                                   "spec": {"bgp": {"ipv4Address": f"{OTHER_IP}/24"}}}, "2")])
+    for m in g.flush():
+        lab.mgr.on_update(m)
+    lab.sync()
+    assert _arrived(node_vxlan, _send(lab, "client", OTHER_IP, NODE_IP, "udp", 4789))
+    assert not _arrived(node_vxlan, _send(lab, "client", CLIENT_IP, NODE_IP, "udp", 4789))
+
+    # The pools stop using encapsulation: VXLAN/IPIP are plain traffic again, so the deny-all policy drops
+    # them even from a host, while without a host endpoint they pass from anyone.
+    for name in ("vx", "ipip"):
+        g.on_updates([Update(Key(KIND_IPPOOL, name), None, "3")])
+    for m in g.flush():
+        lab.mgr.on_update(m)
+    lab.sync()
+    assert not lab.mgr.options.vxlan_enabled and not lab.mgr.options.ipip_enabled
+    assert not _arrived(node_vxlan, _send(lab, "client", OTHER_IP, NODE_IP, "udp", 4789))
+    lab.set_hep(None)
+    assert _arrived(node_vxlan, _send(lab, "client", CLIENT_IP, NODE_IP, "udp", 4789))
+    assert _arrived(node_ipip, _send(lab, "client", CLIENT_IP, NODE_IP, "ipip"))

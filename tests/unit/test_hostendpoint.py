@@ -9,16 +9,18 @@ from typing import Any
 import pytest
 
 from felixpy.calc.graph import CalcGraph
+from felixpy.calc.messages import HostTunnelUpdate
 from felixpy.dataplane import policy_render as nft
 from felixpy.dataplane import policy_render_ipt as ipt
 from felixpy.dataplane.drivers.iptables import IptablesDataplane
 from felixpy.dataplane.drivers.nftables import NftTable
 from felixpy.dataplane.masq_mgr import make_nat_backend
 from felixpy.dataplane.policy_mgr import PolicyManager
-from felixpy.datastore.api import KIND_GLOBAL_NETWORK_POLICY, KIND_HOST_ENDPOINT, KIND_PROFILE, Key
+from felixpy.datastore.api import KIND_GLOBAL_NETWORK_POLICY, KIND_HOST_ENDPOINT, KIND_NODE, KIND_PROFILE, Key
 from felixpy.datastore.syncer import Update
 from felixpy.model.policy import (
     ACTION_ALLOW,
+    ALL_HOSTS_SET_ID,
     EGRESS,
     INGRESS,
     KIND_GNP,
@@ -26,6 +28,7 @@ from felixpy.model.policy import (
     EndpointPolicyRemove,
     EndpointPolicyUpdate,
     EndpointPort,
+    IPSetDeltaUpdate,
     IPSetUpdate,
     Policy,
     PolicyKey,
@@ -314,3 +317,153 @@ def test_manager_host_endpoints(backend: str) -> None:
     m.on_update(hep_update(iface="bad iface"))
     m.complete_deferred_work()
     assert set(m.errors) == {"endpoint hep:h"}
+
+
+# -- the overlay between nodes (Felix's "allow VXLAN/IPIP from other hosts") -----------------------------
+def node_res(name: str, ip: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"bgp": {"ipv4Address": ip}} if ip else {}
+    return {"kind": "Node", "metadata": {"name": name}, "spec": spec}
+
+
+def all_hosts(msgs: list[Any]) -> list[Any]:
+    return [m for m in msgs if getattr(m, "set_id", None) == ALL_HOSTS_SET_ID]
+
+
+def test_graph_all_hosts_set_follows_nodes() -> None:
+    g = graph()
+    assert all_hosts(g.flush()) == []  # no node yet: nothing sent (a referenced missing set is empty)
+    g.on_updates([upd(KIND_NODE, "node1", node_res("node1", "10.0.0.1/24")),
+                  upd(KIND_NODE, "node2", node_res("node2", "10.0.0.2/24")),
+                  upd(KIND_NODE, "node3", node_res("node3", None))])  # no address: not a member
+    msgs = g.flush()
+    assert all_hosts(msgs) == [IPSetUpdate(ALL_HOSTS_SET_ID, frozenset({ipaddress.ip_network("10.0.0.1/32"),
+                                                                       ipaddress.ip_network("10.0.0.2/32")}))]
+    # Sets before anything that uses them: it is among the policy messages, first of them.
+    assert msgs.index(all_hosts(msgs)[0]) == min(i for i, m in enumerate(msgs) if hasattr(m, "set_id"))
+    g.on_updates([upd(KIND_NODE, "node2", node_res("node2", "10.0.0.2/24"))])  # unchanged: nothing
+    assert all_hosts(g.flush()) == []
+    g.on_updates([upd(KIND_NODE, "node2", node_res("node2", "10.0.0.7/24")), upd(KIND_NODE, "node1", None)])
+    assert all_hosts(g.flush())[0].members == frozenset({ipaddress.ip_network("10.0.0.7/32")})
+    # A malformed node is treated as absent; with deltas on, only the difference is sent.
+    g.policy.ip_set_deltas = True
+    g.on_updates([upd(KIND_NODE, "node2", node_res("node2", "not-an-ip")),
+                  upd(KIND_NODE, "node3", node_res("node3", "10.0.0.3/24"))])
+    assert all_hosts(g.flush()) == [IPSetDeltaUpdate(ALL_HOSTS_SET_ID,
+                                                     added=frozenset({ipaddress.ip_network("10.0.0.3/32")}),
+                                                     removed=frozenset({ipaddress.ip_network("10.0.0.7/32")}))]
+    # Policy off: no set at all.
+    off = CalcGraph(NODE)
+    off.on_updates([upd(KIND_NODE, "node1", node_res("node1", "10.0.0.1/24"))])
+    assert all_hosts(off.flush()) == []
+
+
+def test_nft_overlay_rules() -> None:
+    hosts = "@cali40all-hosts-net"
+    plain = {c.name: [r.text for r in c.rules] for c in nft.static_chains(nft.RenderOptions())}
+    assert not any("l4proto 4" in r or "4789" in r for c in plain.values() for r in c)
+    assert nft.static_set_ids(nft.RenderOptions()) == frozenset()
+    opts = nft.RenderOptions(vxlan_enabled=True, ipip_enabled=True, vxlan_port=4790)
+    chains = {c.name: [r.text for r in c.rules] for c in nft.static_chains(opts)}
+    inp = chains[nft.CHAIN_INPUT]
+    # First in INPUT (before the workload goto and the host endpoint dispatch), Felix's order: IPIP, VXLAN.
+    assert inp[:4] == [f"meta l4proto 4 ip saddr {hosts} fib daddr type local accept",
+                       "meta l4proto 4 drop",
+                       f"meta l4proto udp udp dport 4790 ip saddr {hosts} fib daddr type local accept",
+                       "meta l4proto udp udp dport 4790 fib daddr type local drop"]
+    assert inp[4:] == plain[nft.CHAIN_INPUT]
+    out = chains[nft.CHAIN_OUTPUT]
+    assert out[:3] == ['oifname "cali*" return', f"meta l4proto 4 ip daddr {hosts} fib saddr type local accept",
+                       f"meta l4proto udp udp dport 4790 fib saddr type local ip daddr {hosts} accept"]
+    assert out[3:] == plain[nft.CHAIN_OUTPUT][1:]
+    assert nft.static_set_ids(opts) == {ALL_HOSTS_SET_ID}
+    only_vxlan = {c.name: [r.text for r in c.rules] for c in nft.static_chains(nft.RenderOptions(vxlan_enabled=True))}
+    assert not any("l4proto 4" in r for r in only_vxlan[nft.CHAIN_INPUT] + only_vxlan[nft.CHAIN_OUTPUT])
+    assert sum("4789" in r for r in only_vxlan[nft.CHAIN_INPUT]) == 2
+    # IPv4 only.
+    v6 = {c.name: [r.text for r in c.rules] for c in nft.static_chains(nft.RenderOptions(ip_version=6,
+                                                                                         vxlan_enabled=True))}
+    assert not any("4789" in r for r in v6[nft.CHAIN_INPUT])
+    assert nft.nft_set_name(ALL_HOSTS_SET_ID, 4) == "cali40all-hosts-net"
+    with pytest.raises(nft.PolicyRenderError):
+        nft.nft_set_name("all-hosts", 4)  # only the one fixed untyped id
+
+
+def test_ipt_overlay_rules() -> None:
+    opts = nft.RenderOptions(vxlan_enabled=True, ipip_enabled=True)
+    plain = {c.name: [r.text for r in c.rules] for c in ipt.static_chains(nft.RenderOptions())}
+    chains = {c.name: [r.text for r in c.rules] for c in ipt.static_chains(opts)}
+    hosts = "cali40all-hosts-net"
+    assert chains[ipt.CHAIN_INPUT][:4] == [
+        f"-p 4 -m set --match-set {hosts} src -m addrtype --dst-type LOCAL -j ACCEPT",
+        "-p 4 -j DROP",
+        f"-p udp -m udp --dport 4789 -m set --match-set {hosts} src -m addrtype --dst-type LOCAL -j ACCEPT",
+        "-p udp -m udp --dport 4789 -m addrtype --dst-type LOCAL -j DROP"]
+    assert chains[ipt.CHAIN_INPUT][4:] == plain[ipt.CHAIN_INPUT]
+    assert chains[ipt.CHAIN_OUTPUT] == [
+        "-o cali+ -j RETURN",
+        f"-p 4 -m set --match-set {hosts} dst -m addrtype --src-type LOCAL -j ACCEPT",
+        f"-p udp -m udp --dport 4789 -m addrtype --src-type LOCAL -m set --match-set {hosts} dst -j ACCEPT",
+        *plain[ipt.CHAIN_OUTPUT][1:]]
+    assert ipt.ipset_name(ALL_HOSTS_SET_ID, 4) == hosts
+
+
+@pytest.mark.parametrize("backend", ["nft", "ipt"])
+def test_manager_overlay_follows_pools(backend: str) -> None:
+    """The configured flags, or the pools (HostTunnelUpdate), turn the overlay rules on; the all-hosts set is
+    programmed (empty until it arrives) while they are on; a rewrite keeps the dispatch chains."""
+    hosts_member = ipaddress.ip_network("10.0.0.2/32")
+    if backend == "nft":
+        table = NftTable()
+        m = PolicyManager(table)
+        r: Any = nft
+
+        def rules(name: str) -> tuple[str, ...]:
+            return table.desired_rules(name) or ()
+
+        def set_members() -> set[str] | None:
+            if "cali40all-hosts-net" not in table.set_names():
+                return None
+            return set((table.desired_elements("cali40all-hosts-net") or {}).keys())
+    else:
+        dp = ipt_dataplane()
+        m = PolicyManager(dp)
+        r = ipt
+
+        def rules(name: str) -> tuple[str, ...]:
+            return dp.table("filter").desired_rules(name) or ()
+
+        def set_members() -> set[str] | None:
+            assert dp.ipsets is not None
+            got = dp.ipsets.desired_members("cali40all-hosts-net")
+            return None if got is None else set(got)
+
+    def tunnel(vxlan: bool, ipip: bool) -> HostTunnelUpdate:
+        return HostTunnelUpdate(node_ip=None, vxlan_enabled=vxlan, vxlan_tunnel_ip=None, vxlan_mac="",
+                                ipip_enabled=ipip, ipip_tunnel_ip=None)
+
+    m.on_update(EndpointPolicyUpdate("ns1/a", "calia", (), ()))
+    m.on_update(hep_update())
+    m.complete_deferred_work()
+    assert not any("4789" in x for x in rules(r.CHAIN_INPUT)) and set_members() is None
+    m.on_update(tunnel(True, False))
+    m.complete_deferred_work()
+    assert m.errors == {}
+    assert sum("4789" in x for x in rules(r.CHAIN_INPUT)) == 2 and sum("4789" in x for x in rules(r.CHAIN_OUTPUT)) == 1
+    assert set_members() == set()  # referenced before it arrived: empty
+    # The rewrite of the static chains must not have emptied the dispatch chains.
+    assert any("calia" in x for x in rules(r.CHAIN_FROM_WL_DISPATCH)) or backend == "nft"
+    assert any("eth0" in x for x in rules(r.CHAIN_FROM_HEP))
+    m.on_update(IPSetUpdate(ALL_HOSTS_SET_ID, frozenset({hosts_member})))
+    m.on_update(tunnel(True, True))
+    m.complete_deferred_work()
+    got = set_members()
+    assert got is not None and len(got) == 1 and "10.0.0.2" in next(iter(got))
+    assert any("4 " in x and "DROP" in x.upper() for x in rules(r.CHAIN_INPUT))
+    m.on_update(tunnel(False, False))
+    m.complete_deferred_work()
+    assert not any("4789" in x for x in rules(r.CHAIN_INPUT)) and set_members() is not None  # data still kept
+    # Configured on: pools cannot turn it off.
+    if backend == "nft":
+        m2 = PolicyManager(NftTable(), options=nft.RenderOptions(vxlan_enabled=True))
+        m2.on_update(tunnel(False, False))
+        assert m2.options.vxlan_enabled
