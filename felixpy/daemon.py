@@ -33,6 +33,7 @@ from felixpy.datastore.api import (
     KIND_BGP_PEER,
     KIND_GLOBAL_NETWORK_POLICY,
     KIND_GLOBAL_NETWORK_SET,
+    KIND_HOST_ENDPOINT,
     KIND_IPAM_BLOCK,
     KIND_IPPOOL,
     KIND_K8S_NETWORK_POLICY,
@@ -75,7 +76,8 @@ SHUTDOWN_STEP = 1.0
 SHUTDOWN_DEADLINE = 4.0
 # Updates that change what policy or endpoint programming is in force (felixpy_time_to_policy_seconds).
 _TTP_KINDS = frozenset({KIND_WEP, KIND_PROFILE, KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY,
-                        KIND_K8S_NETWORK_POLICY, KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET, KIND_TIER})
+                        KIND_K8S_NETWORK_POLICY, KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET, KIND_TIER,
+                        KIND_HOST_ENDPOINT})
 _POLICY_KINDS = (KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY, KIND_K8S_NETWORK_POLICY)
 
 
@@ -179,7 +181,11 @@ class Agent:
 
             opts = RenderOptions(endpoint_to_host_action=cfg.default_endpoint_to_host_action.upper(),
                                  iface_prefix=cfg.interface_prefixes[0] if cfg.interface_prefixes else "cali",
-                                 log_drops=cfg.log_drops)
+                                 log_drops=cfg.log_drops, failsafe_inbound=tuple(cfg.failsafe_inbound),
+                                 failsafe_outbound=tuple(cfg.failsafe_outbound),
+                                 # The overlay between nodes passes host endpoint policy; the manager also
+                                 # turns these on when the pools use VXLAN / IPIP (HostTunnelUpdate).
+                                 vxlan_enabled=cfg.networking_backend == "vxlan", vxlan_port=names.VXLAN_PORT)
             self.policy_mgr = PolicyManager(self.nat_table, options=opts)
             extra_mgrs.append(self.policy_mgr)
         self.dataplane = Dataplane(
@@ -557,7 +563,7 @@ class Agent:
             WatchSpec(KIND_BGP_PEER),
             *([WatchSpec(k) for k in (KIND_PROFILE, KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY,
                                       KIND_K8S_NETWORK_POLICY, KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET,
-                                      KIND_TIER)] if self.cfg.policy_enabled else []),
+                                      KIND_TIER, KIND_HOST_ENDPOINT)] if self.cfg.policy_enabled else []),
         ], self.buffer)
         log.info("felixpy agent running on node %s (datastore %s, CNI socket %s)",
                  self.cfg.nodename, self.cfg.datastore_type, self.cfg.cni_socket)
