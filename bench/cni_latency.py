@@ -8,7 +8,9 @@ plugin in turn; the runs alternate so machine noise hits both sides.
     python -m bench.cni_latency [--pods 200]
 
 Last line: one JSON object with name, value (our ADD p50 ms), unit, reference (ptp ADD p50 ms), ratio,
-goal, and the DEL and p99 figures.
+goal, and the DEL and p99 figures. Also reported, to tell the agent's share from the executables' own:
+the agent-side mean per ADD/DEL (its felixpy_cni_request_seconds histogram) and each executable's bare
+start-up cost (p50 of a VERSION call, which both answer without doing any work).
 """
 
 from __future__ import annotations
@@ -46,6 +48,31 @@ def exec_plugin(binary: Path, command: str, conf: dict[str, Any], cid: str, netn
     if p.returncode != 0:
         raise RuntimeError(f"{binary.name} {command} failed: {p.stdout!r} {p.stderr!r}")
     return dt
+
+
+def startup_p50(binary: Path, n: int = 40) -> float:
+    """p50 ms of a VERSION call: process start-up and exit, no work (both plugins answer it locally)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "VERSION"}
+    xs = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run([str(binary)], input=b'{"cniVersion":"1.0.0"}', env=env, capture_output=True, check=True)
+        xs.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(xs)
+
+
+def agent_means(agent: Agent) -> dict[str, float]:
+    """Mean agent-side ms per command from the agent's own histogram (sum / count)."""
+    _, text = agent.http("/metrics")
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        for suffix, into in (("_sum", sums), ("_count", counts)):
+            prefix = f"felixpy_cni_request_seconds{suffix}{{command=\""
+            if line.startswith(prefix):
+                cmd = line[len(prefix):].split('"', 1)[0]
+                into[cmd] = float(line.rsplit(" ", 1)[1])
+    return {c: sums[c] / counts[c] * 1000 for c in sums if counts.get(c)}
 
 
 def run_round(binary: Path, conf: dict[str, Any], pods: int) -> tuple[list[float], list[float]]:
@@ -97,6 +124,8 @@ def main() -> int:
                 a, d = run_round(REF_PLUGIN_DIR / "ptp", ref_conf, args.pods // args.rounds)
                 ref_add += a
                 ref_del += d
+            agent_ms = agent_means(agent)  # includes the warm-up (first block claim): a little pessimistic
+            start_ours, start_ref = startup_p50(plugin), startup_p50(REF_PLUGIN_DIR / "ptp")
         finally:
             agent.stop()
             subprocess.run(["ip", "route", "flush", "root", pool, "proto", "80"], capture_output=True)
@@ -113,12 +142,17 @@ def main() -> int:
         "ref_del_p50_ms": round(statistics.median(ref_del), 2),
         "del_p99_ms": round(pct(ours_del, 99), 2), "ref_del_p99_ms": round(pct(ref_del, 99), 2),
         "del_ratio": round(statistics.median(ours_del) / statistics.median(ref_del), 3),
+        "agent_add_mean_ms": round(agent_ms.get("ADD", 0.0), 2),
+        "agent_del_mean_ms": round(agent_ms.get("DEL", 0.0), 2),
+        "startup_p50_ms": round(start_ours, 2), "ref_startup_p50_ms": round(start_ref, 2),
         "pods": len(ours_add), "datastore": "etcdv3",
     }
     print(f"felixpy  ADD p50 {res['p50_ms']} ms p99 {res['p99_ms']} ms | DEL p50 {res['del_p50_ms']} ms "
           f"p99 {res['del_p99_ms']} ms")
     print(f"ptp+h-l  ADD p50 {res['ref_p50_ms']} ms p99 {res['ref_p99_ms']} ms | DEL p50 "
           f"{res['ref_del_p50_ms']} ms p99 {res['ref_del_p99_ms']} ms")
+    print(f"agent side: ADD mean {res['agent_add_mean_ms']} ms, DEL mean {res['agent_del_mean_ms']} ms | "
+          f"bare start-up p50: ours {res['startup_p50_ms']} ms, ptp {res['ref_startup_p50_ms']} ms")
     print(json.dumps(res))
     return 0
 

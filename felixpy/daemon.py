@@ -209,6 +209,11 @@ class Agent:
         await self.dataplane.barrier()
         return self.endpoint_mgr.status(key)
 
+    def record_local_write(self, key: Key, value: Resource | None, revision: str) -> None:
+        """Like program_endpoint without the wait (the CNI server's revision of a write already programmed)."""
+        self.calc.on_local_write(key, value, revision, time.monotonic())
+        self._route_messages(self.calc.flush())
+
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.dataplane.executor,
                                                                 functools.partial(fn, *args))
@@ -550,7 +555,7 @@ class Agent:
                 log.info("BGP: keeping %d routes from before the restart until the speaker has resynced", n)
         hooks = cniserver.AgentHooks(node=self.cfg.nodename, backend=self.backend, ipam=ipam,
                                      program_endpoint=self.program_endpoint, run_blocking=self.run_blocking,
-                                     default_mtu=self.default_mtu,
+                                     default_mtu=self.default_mtu, record_local_write=self.record_local_write,
                                      interface_prefix=self.cfg.interface_prefixes[0])
         servers.append(await cniserver.serve(cniserver.CniHandler(hooks), self.cfg.cni_socket))
         self.syncer = Syncer(self.backend, [

@@ -37,6 +37,8 @@ class EndpointManager:
             self._pending[msg.key] = None
 
     def complete_deferred_work(self) -> None:
+        if self.errors:
+            self._retry_configure()
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -66,13 +68,32 @@ class EndpointManager:
                     self.errors[key] = f"interface {msg.iface}: {e}"
         metrics.active_local_endpoints.set(len(self._active))
 
+    def _retry_configure(self) -> None:
+        """An endpoint can arrive before its veth (the CNI server writes the WorkloadEndpoint while the veth
+        is being created, and the watch may deliver it first): configure those interfaces on every apply
+        until they exist, so the ADD that waits for the next apply sees them done."""
+        for key in list(self.errors):
+            msg = self._active.get(key)
+            if msg is None:
+                self.errors.pop(key, None)
+                continue
+            try:
+                self._configure_iface(msg.iface)
+            except OSError as e:
+                self.errors[key] = f"interface {msg.iface}: {e}"
+                continue
+            self._configured.add(msg.iface)
+            del self.errors[key]
+
     def status(self, key: Key) -> str:
-        """"" if the endpoint is fully programmed, else what is missing."""
-        if key in self._pending:
-            return "not yet applied"
+        """"" if the endpoint is fully programmed, else what is missing.
+
+        Called from the event loop after a barrier: the apply it waited for handled the caller's update, so
+        an entry still pending is a newer one (e.g. the watch's copy of the same endpoint, being applied
+        right now) and does not make an endpoint that is already active "not yet applied"."""
         msg = self._active.get(key)
         if msg is None:
-            return ""
+            return "not yet applied" if key in self._pending else ""
         if key in self.errors:
             return self.errors[key]
         return self._rt.iface_problem(msg.iface)

@@ -67,12 +67,22 @@ class WorkloadResult:
     container_ifindex: int
 
 
-def _validate(spec: WorkloadSpec) -> list[ipaddress.IPv4Address]:
+def _validate_link(spec: WorkloadSpec) -> None:
     for what, name in (("container", spec.container_ifname), ("host", spec.host_ifname)):
         if not name or len(name.encode()) > 15 or "/" in name or " " in name or name in _RESERVED_NAMES:
             raise WorkloadError(f"invalid {what} interface name {name!r} (1-15 bytes, no '/' or spaces)")
     if spec.mtu and not 68 <= spec.mtu <= 65535:
         raise WorkloadError(f"invalid MTU {spec.mtu} (68-65535)")
+    if spec.container_mac is not None:
+        parts = spec.container_mac.split(":")
+        if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
+                                      for p in parts):
+            raise WorkloadError(f"invalid container MAC address {spec.container_mac!r}")
+        if int(parts[0], 16) & 1:
+            raise WorkloadError(f"container MAC {spec.container_mac} is a multicast address")
+
+
+def _validate_ips(spec: WorkloadSpec) -> list[ipaddress.IPv4Address]:
     ips: list[ipaddress.IPv4Address] = []
     for ip in spec.ipv4:
         addr = ip.ip if isinstance(ip, ipaddress.IPv4Interface) else ip
@@ -81,14 +91,20 @@ def _validate(spec: WorkloadSpec) -> list[ipaddress.IPv4Address]:
         ips.append(addr)
     if not ips:
         raise WorkloadError("no IPv4 address to configure")
-    if spec.container_mac is not None:
-        parts = spec.container_mac.split(":")
-        if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
-                                      for p in parts):
-            raise WorkloadError(f"invalid container MAC address {spec.container_mac!r}")
-        if int(parts[0], 16) & 1:
-            raise WorkloadError(f"container MAC {spec.container_mac} is a multicast address")
     return ips
+
+
+def _validate(spec: WorkloadSpec) -> list[ipaddress.IPv4Address]:
+    _validate_link(spec)
+    return _validate_ips(spec)
+
+
+def random_mac() -> str:
+    """A random unicast, locally administered MAC (what the kernel picks for a veth without one). Choosing
+    it up front lets the agent write the WorkloadEndpoint while the veth is still being created."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
 
 
 def _open_pod_netns(path: str) -> int:
@@ -127,9 +143,25 @@ def configure_host_iface(ifname: str, *, netns: str | None = None) -> None:
 
 
 def setup_workload(spec: WorkloadSpec) -> WorkloadResult:
-    """Wire a pod (see the module docstring). Idempotent in effect: a stale host veth of the same
-    name is replaced. Raises WorkloadError, leaving nothing behind."""
+    """Wire a pod (see the module docstring): :func:`create_veth` then :func:`configure_addresses`.
+    Idempotent in effect: a stale host veth of the same name is replaced. Raises WorkloadError, leaving
+    nothing behind."""
     ips = _validate(spec)
+    res = create_veth(spec)
+    try:
+        configure_addresses(spec, res, ips)
+    except BaseException:
+        _remove_after_failure(spec)
+        raise
+    return res
+
+
+def create_veth(spec: WorkloadSpec) -> WorkloadResult:
+    """First half of :func:`setup_workload`, which needs no address (so it can run while IPAM decides):
+    the veth pair (peer born in the pod netns, named, MAC'd and sized there), the host-end sysctls, the pod
+    end up and the pod's ``ip_forward``. ``spec.ipv4`` is not used. Raises WorkloadError, leaving nothing
+    behind."""
+    _validate_link(spec)
     pod_fd = _open_pod_netns(spec.netns_path)
     host: Netlink | None = None
     pod: Netlink | None = None
@@ -146,18 +178,24 @@ def setup_workload(spec: WorkloadSpec) -> WorkloadResult:
             except OSError as e:
                 raise WorkloadError(f"cannot set net.ipv4.ip_forward in netns {spec.netns_path}: "
                                     f"{e}") from None
-
-        if host.del_link(spec.host_ifname):
-            log.info("deleted stale host interface %s before wiring %s", spec.host_ifname, spec.netns_path)
-        try:
-            host.add_veth(spec.host_ifname, spec.container_ifname, peer_netns_fd=pod_fd,
-                          mtu=spec.mtu or None, mac=names.HOST_VETH_MAC, peer_mac=spec.container_mac, up=True)
-        except NetlinkError as e:
-            if e.errno == errno.EEXIST and pod.link(spec.container_ifname) is not None:
-                raise WorkloadError(f"interface {spec.container_ifname} already exists in netns "
-                                    f"{spec.netns_path}") from None
-            raise WorkloadError(f"cannot create veth {spec.host_ifname} <-> {spec.container_ifname}: "
-                                f"{e}") from None
+        # Create first and look for a stale host link only if the name is taken (the rare case): saves a
+        # round trip on every pod.
+        for attempt in (1, 2):
+            try:
+                host.add_veth(spec.host_ifname, spec.container_ifname, peer_netns_fd=pod_fd,
+                              mtu=spec.mtu or None, mac=names.HOST_VETH_MAC, peer_mac=spec.container_mac,
+                              up=True)
+                break
+            except NetlinkError as e:
+                if e.errno == errno.EEXIST and pod.link(spec.container_ifname) is not None:
+                    raise WorkloadError(f"interface {spec.container_ifname} already exists in netns "
+                                        f"{spec.netns_path}") from None
+                if e.errno == errno.EEXIST and attempt == 1 and host.del_link(spec.host_ifname):
+                    log.info("deleted stale host interface %s before wiring %s", spec.host_ifname,
+                             spec.netns_path)
+                    continue
+                raise WorkloadError(f"cannot create veth {spec.host_ifname} <-> {spec.container_ifname}: "
+                                    f"{e}") from None
         created = True
         host_link = host.link(spec.host_ifname)
         pod_link = pod.link(spec.container_ifname)
@@ -168,22 +206,15 @@ def setup_workload(spec: WorkloadSpec) -> WorkloadResult:
             configure_host_iface(spec.host_ifname, netns=spec.host_netns_path)
         except OSError as e:
             raise WorkloadError(f"cannot configure host interface {spec.host_ifname}: {e}") from None
-
-        idx = pod_link.index
         try:
-            pod.set_link(idx, up=True)
-            for ip in ips:
-                pod.add_addr(idx, ipaddress.IPv4Interface((ip, 32)))
-            pod.add_route(Route(_GATEWAY_NET, scope=RT_SCOPE_LINK, oif=idx))
-            for net in spec.routes:
-                pod.add_route(Route(net, gateway=_GATEWAY, oif=idx))
+            pod.set_link(pod_link.index, up=True)
         except NetlinkError as e:
             raise WorkloadError(f"cannot configure {spec.container_ifname} in netns {spec.netns_path}: "
                                 f"{e}") from None
         assert pod_link.mac is not None and host_link.mac is not None
         return WorkloadResult(host_ifname=spec.host_ifname, container_ifname=spec.container_ifname,
                               host_mac=host_link.mac, container_mac=pod_link.mac,
-                              host_ifindex=host_link.index, container_ifindex=idx)
+                              host_ifindex=host_link.index, container_ifindex=pod_link.index)
     except BaseException:
         if created and host is not None:
             try:
@@ -197,6 +228,35 @@ def setup_workload(spec: WorkloadSpec) -> WorkloadResult:
             if sock is not None:
                 sock.close()
         os.close(pod_fd)
+
+
+def configure_addresses(spec: WorkloadSpec, res: WorkloadResult,
+                        ips: Sequence[ipaddress.IPv4Address] | None = None) -> None:
+    """Second half of :func:`setup_workload`: each address as /32 on the pod end, the link-scope route to
+    169.254.1.1 and the routes via it. Raises WorkloadError; the veth is left for the caller to remove."""
+    ips = _validate_ips(spec) if ips is None else ips
+    pod_fd = _open_pod_netns(spec.netns_path)
+    try:
+        with Netlink(pod_fd) as pod:
+            idx = res.container_ifindex
+            for ip in ips:
+                pod.add_addr(idx, ipaddress.IPv4Interface((ip, 32)))
+            pod.add_route(Route(_GATEWAY_NET, scope=RT_SCOPE_LINK, oif=idx))
+            for net in spec.routes:
+                pod.add_route(Route(net, gateway=_GATEWAY, oif=idx))
+    except OSError as e:
+        raise WorkloadError(f"cannot configure {spec.container_ifname} in netns {spec.netns_path}: "
+                            f"{e}") from None
+    finally:
+        os.close(pod_fd)
+
+
+def _remove_after_failure(spec: WorkloadSpec) -> None:
+    try:
+        with Netlink(spec.host_netns_path) as host:
+            host.del_link(spec.host_ifname)  # takes the pod end with it
+    except OSError as e:
+        log.error("cleanup after failed setup of %s: cannot delete %s: %s", spec.netns_path, spec.host_ifname, e)
 
 
 def teardown_workload(host_ifname: str, netns_path: str | None = None, container_ifname: str = "eth0", *,

@@ -1116,6 +1116,51 @@ class Overflow:
 Event = LinkEvent | RouteEvent | Overflow
 
 
+class LinkWatch:
+    """A non-blocking socket that sees links being deleted (RTNLGRP_LINK), with no initial dump (cheap to
+    open per request); use with ``loop.add_reader``.
+
+    The kernel announces RTM_DELLINK once the device is unregistered (closed, unlisted, its addresses and
+    routes flushed by the protocols), while the ``RTM_DELLINK`` request itself only returns after the
+    RCU teardown that follows (~20 ms for a veth, with the RTNL lock already released). Waiting for the
+    announcement lets a caller go on as soon as the device is gone.
+    """
+
+    def __init__(self, netns: str | int | None = None, *, rcvbuf: int = 1 << 20) -> None:
+        self._sock = _open_socket(netns, rcvbuf, 1 << 16, (RTNLGRP_LINK,))
+        self._sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def deleted(self) -> tuple[set[str], bool]:
+        """Drain the queue: (names of links announced deleted, whether events were lost)."""
+        names: set[str] = set()
+        lost = False
+        while True:
+            try:
+                buf = self._sock.recv(_RECV_BUF)
+            except BlockingIOError:
+                return names, lost
+            except OSError as e:
+                if e.errno == _errno.ENOBUFS:
+                    lost = True
+                    continue
+                raise
+            n = len(buf)
+            off = 0
+            while off + 16 <= n:
+                mlen, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, off)
+                if mlen < 16:
+                    break
+                if mtype == RTM_DELLINK:
+                    names.add(_parse_link(buf, off + 16, off + mlen).name)
+                off += (mlen + 3) & ~3
+
+
 class Monitor:
     """A non-blocking socket subscribed to rtnetlink multicast groups; use with ``loop.add_reader``.
 
