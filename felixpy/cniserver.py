@@ -46,6 +46,7 @@ from felixpy.datastore.api import (
     AlreadyExists,
     Backend,
     DatastoreError,
+    Invalid,
     Key,
     KVPair,
     NotFound,
@@ -393,6 +394,12 @@ class CniHandler:
             try:
                 cur = await b.get(key)
             except NotFound:
+                return None
+            except Invalid as e:
+                # A malformed stored endpoint (e.g. a Pod annotation that is not valid JSON) must not make
+                # DEL fail forever: the veth is gone and the addresses are released by handle; the endpoint
+                # itself is left for its owner to fix or delete (we cannot tell which sandbox owns it).
+                log.warning("DEL: leaving malformed %s in place: %s", key, e)
                 return None
             owner = (cur.value.get("spec") or {}).get("containerID", "")
             if owner and owner != container_id:

@@ -529,6 +529,31 @@ def _json_list(ann: Mapping[str, str], key: str) -> list[str]:
     return value
 
 
+def pod_owner_record(pod: Mapping[str, Any]) -> Resource:
+    """The least a Pod that fails :func:`pod_to_wep` still says about the addresses it holds: namespace,
+    pod, node, container ID and whichever IPs parse. Only for IPAM's "is this address in use?" (a malformed
+    annotation must never make a running pod's address look leaked); the agent never sees it."""
+    md = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    raw_ann = md.get("annotations")
+    ann: dict[str, Any] = raw_ann if isinstance(raw_ann, dict) else {}
+    ns, pod_name = str(md.get("namespace") or ""), str(md.get("name") or "")
+    ips: list[str] = []
+    try:
+        ips = [] if pod_is_finished(pod) else pod_ip_networks(pod)
+    except (ConversionError, ValueError):
+        ips = []
+    wep_spec: dict[str, Any] = {"orchestrator": ORCHESTRATOR_K8S, "node": str(spec.get("nodeName") or ""),
+                                "pod": pod_name, "endpoint": "eth0", "ipNetworks": ips}
+    if isinstance(ann.get(ANNOTATION_CONTAINER_ID), str) and ann[ANNOTATION_CONTAINER_ID]:
+        wep_spec["containerID"] = ann[ANNOTATION_CONTAINER_ID]
+    name = names.wep_name(wep_spec["node"], ORCHESTRATOR_K8S, pod_name, "eth0")
+    return {"apiVersion": API_VERSION_V3, "kind": KIND_WEP,
+            "metadata": {"name": name, "namespace": ns, "uid": str(md.get("uid") or ""),
+                         "resourceVersion": str(md.get("resourceVersion") or "")},
+            "spec": wep_spec}
+
+
 def pod_to_wep(pod: Mapping[str, Any], *, interface_prefix: str = names.IFACE_PREFIX) -> Resource:
     """A valid Pod -> its WorkloadEndpoint (Calico's podToDefaultWorkloadEndpoint, minus QoS controls).
 

@@ -292,6 +292,11 @@ class K8sBackend:
         if kind == KIND_WEP:
             path, query = self._pods_path_query(opts)
             pods, rv = await self._list_raw(path, "list WorkloadEndpoints", query)
+            if opts.extra.get("owners"):
+                # IPAM's view (ipam check/release): a pod whose annotations do not convert still owns
+                # its addresses, so it is listed as a minimal owner record instead of being skipped.
+                return ListResult([kv for p in pods if cv.pod_is_valid_wep(p)
+                                   and (kv := self._wep_kv_or_owner(p)) is not None], rv)
             return ListResult([kv for p in pods if (kv := self._wep_from_pod_or_skip(p)) is not None], rv)
         if kind == KIND_NODE:
             nodes, rv = await self._list_raw("/api/v1/nodes", "list Nodes")
@@ -555,6 +560,16 @@ class K8sBackend:
     def _wep_kv(self, pod: dict[str, Any]) -> KVPair:
         res = cv.pod_to_wep(pod, interface_prefix=self._iface_prefix)
         return self._kv(res, pod)
+
+    def _wep_kv_or_owner(self, pod: dict[str, Any]) -> KVPair | None:
+        try:
+            return self._wep_kv(pod)
+        except (cv.ConversionError, ValueError, Invalid) as e:
+            log.warning("%s does not convert (%s); counted as the owner of its addresses",
+                        self._obj_key_text(KIND_WEP, pod), e)
+            res = cv.pod_owner_record(pod)
+            return KVPair(key=cv_key(res), value=res, revision=res["metadata"]["resourceVersion"],
+                          uid=res["metadata"]["uid"])
 
     def _wep_from_pod_or_skip(self, pod: dict[str, Any]) -> KVPair | None:
         if not cv.pod_is_valid_wep(pod):

@@ -37,6 +37,7 @@ from felixpy.datastore.api import (
     Conflict,
     Key,
     KVPair,
+    ListOptions,
     NotFound,
 )
 from felixpy.ipam.block import Block, handle_spec, parse_time
@@ -45,6 +46,10 @@ from felixpy.ipam.client import handle_key
 
 DEFAULT_MIN_AGE = 60.0  # seconds; far longer than a CNI ADD may take between IPAM and the endpoint write
 _RETRIES = 20
+
+# Workload listing for "is this address in use?": on the Kubernetes datastore a pod whose annotations do
+# not convert is still listed (as a minimal owner record), so its addresses never look leaked.
+OWNERS = ListOptions(extra={"owners": "true"})
 
 
 class ReportError(Exception):
@@ -78,7 +83,7 @@ async def load_snapshot(backend: Backend) -> Snapshot:
     ci: KVPair | None = None
     with contextlib.suppress(NotFound):
         ci = await backend.get(Key(KIND_CLUSTER_INFO, "default"))
-    weps = (await backend.list(KIND_WEP)).items
+    weps = (await backend.list(KIND_WEP, OWNERS)).items
     nodes = (await backend.list(KIND_NODE)).items
     return Snapshot(blocks, handles, affinities, pools, weps, nodes, ci)
 
@@ -187,7 +192,7 @@ class Releaser:
                 return [Outcome(ip, False, f"{ip} is not assigned (its block is gone)") for ip in expected]
             block = Block.from_spec(bkv.value["spec"])
             # Listed after the block read: an endpoint written for one of these addresses before now is seen.
-            weps = (await self.b.list(KIND_WEP)).items
+            weps = (await self.b.list(KIND_WEP, OWNERS)).items
             nodes = (await self.b.list(KIND_NODE)).items
             an = analyse(blocks=[bkv.value], handles=[], affinities=[], pools=[],
                          weps=[kv.value for kv in weps], nodes=[kv.value for kv in nodes])

@@ -211,3 +211,27 @@ async def release_ghost(b: Any) -> None:
     from felixpy.ipam.client import IPAMClient
 
     await IPAMClient(b, node="operator").release_by_handle("k8s-pod-network.ghost0000")
+
+
+def test_a_live_pod_with_a_malformed_annotation_still_owns_its_address(lab: Cluster, tmp_path: Path) -> None:
+    """Kubernetes: a pod whose Calico annotations do not convert is skipped by the agent's endpoint list, but
+    it still holds its address, so ``ipam check`` must not call that address leaked nor ``release`` free it."""
+    c = lab
+    if not c.datastore.server:
+        pytest.skip("Kubernetes datastore only (etcd has no Pod objects to be malformed)")
+    live = c.add_pod(1)
+    try:
+        c.datastore.kube().patch(f"/api/v1/namespaces/{live.k8s_namespace}/pods/{live.name}", {"metadata": {
+            "annotations": {"cni.projectcalico.org/allowedSourcePrefixes": "10.0.0.0/8"}}})  # not a JSON list
+        report = tmp_path / "report.json"
+        r = ctl(c, "ipam", "check", "-o", str(report))
+        assert r.returncode == 0, r.stderr
+        alloc = json.loads(report.read_text())["allocations"][live.ip][0]
+        assert alloc["inUse"] is True and alloc["owners"], alloc
+        r = ctl(c, "ipam", "release", "--ip", live.ip)
+        assert r.returncode == 1 and "in use" in r.stderr, (r.stdout, r.stderr)
+        assert f"IP {live.ip} is in use" in ctl(c, "ipam", "show", "--ip", live.ip).stdout
+    finally:
+        c.del_pod(live)  # CNI DEL of the malformed pod succeeds (it used to fail forever)...
+    # ...and releases the address.
+    assert ctl(c, "ipam", "show", "--ip", live.ip).stdout.strip() == f"{live.ip} is not assigned"
