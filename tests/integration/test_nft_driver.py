@@ -267,6 +267,26 @@ def test_base_chain_change_waits_for_removals_then_recreates(ns: str, shim: Nft)
     assert base["prio"] == 120 and len(rules(ns, "nat-POSTROUTING")) == 1
 
 
+def test_a_deferred_map_keeps_the_chains_it_jumps_to(ns: str, shim: Nft) -> None:
+    """S (staying: it cannot be rewritten) uses map M, which jumps to C. Removing M and C must defer both
+    (M is still used, so C is still a target) instead of failing every apply with EBUSY."""
+    t = NftTable(shim, removals_allowed=True)
+    t.set_chain("C", ["accept"])
+    t.set_map("M", "ifname", "verdict", {"x": "jump C"})
+    t.set_chain("S", ["iifname vmap @M"])
+    assert t.apply().failed == {}
+    t.set_chain("S", ["ip saddr @nope accept"])  # refers to an undesired set: S stays as the kernel has it
+    t.remove_set("M")
+    t.remove_chain("C")
+    stats = t.apply()  # must not raise
+    assert set(stats.failed) == {"S"} and stats.deferred == 2
+    assert {"C", "S"} <= chains(ns) and elements(ns, "M")
+    # Once S is fixed, M and C go.
+    t.set_chain("S", ["accept"])
+    assert t.apply().failed == {}
+    assert chains(ns) == {"S"}
+
+
 def test_missing_table_and_errors_from_the_shim(ns: str, shim: Nft) -> None:
     with pytest.raises(NftError) as e:
         shim.list_json("table ip nosuch")

@@ -860,8 +860,11 @@ class NftTable:
             self._committed(plan)
             break
         # Unprogrammable objects stay dirty so they are looked at again (cheaply) on every apply.
-        self._dirty_chains = {c for c in self._dirty_chains if c in bad}
-        self._dirty_sets = {s for s in self._dirty_sets if "@" + s in bad}
+        # So do deletions that were deferred (something staying still refers to them): they go as soon as
+        # the blocker does, not only at the next resync.
+        kc, ks = self._kchains, self._ksets
+        self._dirty_chains = {c for c in self._dirty_chains if c in bad or (c in kc and c not in self._chains)}
+        self._dirty_sets = {s for s in self._dirty_sets if "@" + s in bad or (s in ks and s not in self._sets)}
         self._dirty_counters = {c for c in self._dirty_counters if c in self._counters ^ self._kcounters}
         self._bad = bad
         for obj, why in bad.items():
@@ -1032,28 +1035,30 @@ class NftTable:
                 p.deferred += len(set_deletes) + len(chain_deletes) + len(counter_deletes)
             else:
                 deleted_set_names = {n for _, n in set_deletes}
-                # What the verdict maps that stay will still jump to once this transaction's element
-                # deletions are done (a map that is rewritten whole is refilled with desired targets only).
-                map_targets: set[str] = set()
-                for n, ks in self._ksets.items():
-                    if ks.map_type != "verdict" or n in deleted_set_names or n in p.set_full:
-                        continue
-                    gone_keys = set(p.set_dels.get(n, ()))
-                    map_targets.update(v.split(" ", 1)[1] for k, v in ks.members.items()
-                                       if " " in v and k not in gone_keys)
-                # A deletion is deferred while a chain that stays refers to the object; deferring a chain
-                # keeps everything it refers to as well, so iterate until nothing more is deferred.
+                # A deletion is deferred while something that stays refers to the object: a chain that is
+                # neither rewritten nor deleted, or a verdict map that stays (not deleted, not rewritten
+                # whole) and still jumps to the chain once this transaction's element deletions are done.
+                # Deferring a chain or a map keeps everything it refers to as well, so iterate to a fixpoint.
                 dropping = set(chain_deletes)
                 dropping_sets = set(deleted_set_names)
 
                 def used_by_staying_chain(key: str) -> bool:
-                    # Kernel chains that stay as they are (not rewritten, not deleted) and refer to key.
                     return any(c not in p.written and c not in dropping for c in self._kreferrers.get(key, ()))
+
+                def staying_map_targets() -> set[str]:
+                    out: set[str] = set()
+                    for n, ks in self._ksets.items():
+                        if ks.map_type != "verdict" or n in dropping_sets or n in p.set_full:
+                            continue
+                        gone_keys = set(p.set_dels.get(n, ()))
+                        out.update(v.split(" ", 1)[1] for k, v in ks.members.items() if " " in v and k not in gone_keys)
+                    return out
 
                 while True:
                     before = (len(dropping), len(dropping_sets))
-                    dropping = {c for c in dropping if not used_by_staying_chain(c) and c not in map_targets}
                     dropping_sets = {n for n in dropping_sets if not used_by_staying_chain("@" + n)}
+                    targets = staying_map_targets()
+                    dropping = {c for c in dropping if not used_by_staying_chain(c) and c not in targets}
                     if (len(dropping), len(dropping_sets)) == before:
                         break
                 for kw, name in sorted(set_deletes, key=lambda kn: kn[0] != "map"):  # maps refer to chains
