@@ -422,9 +422,19 @@ class CniHandler:
         that finishes in the background."""
         _, _, veth, key = self._identity(req)
         netns = req.netns if req.netns and os.path.exists(req.netns) else None
+        cached = self._weps.get(key)
+        if cached is not None and cached[0] != req.container_id:
+            # A late DEL for an older sandbox of this pod: the host-side name now belongs to the newer
+            # sandbox's veth, so only the old pod end (inside the old netns, if it still exists) goes.
+            log.info("DEL %s for container %s: the pod's veth belongs to newer container %s; only the old "
+                     "netns is cleaned", key, req.container_id, cached[0])
+            if netns is not None:
+                await self._reap(None, netns, req.ifname)
+            await self._release(req)
+            return
         await self._remove_veth(veth, netns, req.ifname)
-        cached = self._weps.pop(key, None)
-        if cached is not None and cached[0] == req.container_id:
+        self._weps.pop(key, None)
+        if cached is not None:
             # The endpoint leaves the dataplane while the transaction is in flight (its veth is gone already).
             prog_job = asyncio.ensure_future(self.h.program_endpoint(key, None, cached[1]))
             try:
@@ -483,7 +493,7 @@ class CniHandler:
             loop.remove_reader(watch.fileno())
             watch.close()
 
-    async def _reap(self, veth: str, netns: str | None, ifname: str) -> None:
+    async def _reap(self, veth: str | None, netns: str | None, ifname: str) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._reap_pool, functools.partial(workload.teardown_workload, veth, netns, ifname))

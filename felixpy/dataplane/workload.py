@@ -259,16 +259,19 @@ def _remove_after_failure(spec: WorkloadSpec) -> None:
         log.error("cleanup after failed setup of %s: cannot delete %s: %s", spec.netns_path, spec.host_ifname, e)
 
 
-def teardown_workload(host_ifname: str, netns_path: str | None = None, container_ifname: str = "eth0", *,
+def teardown_workload(host_ifname: str | None, netns_path: str | None = None, container_ifname: str = "eth0", *,
                       host_netns_path: str | None = None) -> bool:
     """Remove a pod's veth. Idempotent: a missing link or netns is fine. Works from the host name
-    alone (containerd's second DEL has no netns). True if something was deleted."""
-    try:
-        with Netlink(host_netns_path) as host:
-            if host.del_link(host_ifname):
-                return True
-    except (OSError, ValueError) as e:
-        raise WorkloadError(f"cannot delete host interface {host_ifname}: {e}") from None
+    alone (containerd's second DEL has no netns). ``host_ifname`` None: only the pod end inside
+    ``netns_path`` (the host name may belong to a newer sandbox of the same pod). True if something was
+    deleted."""
+    if host_ifname is not None:
+        try:
+            with Netlink(host_netns_path) as host:
+                if host.del_link(host_ifname):
+                    return True
+        except (OSError, ValueError) as e:
+            raise WorkloadError(f"cannot delete host interface {host_ifname}: {e}") from None
     if not netns_path:
         return False
     # No host end: if the pod end survived on its own (e.g. the host end was renamed), remove it.

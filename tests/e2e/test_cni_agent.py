@@ -217,3 +217,43 @@ def test_restart_leaves_routes_untouched_and_drift_is_repaired(agent: Agent, plu
     subprocess.run(["ip", "route", "del", *bh.split()], check=True)
     assert wait_for(lambda: bh in routes_in(pool), 10)
     assert run_cni(plugin, "DEL", calico_conf(agent), cid=cid, netns=f"/run/netns/{n}", ns=ns, pod="a")[0] == 0
+
+
+def test_late_del_of_an_old_sandbox_leaves_the_new_one_alone(agent: Agent, plugin: Path, netns: Netns,
+                                                              datastore: DatastoreEnv, pool: str) -> None:
+    """Sandbox A of a pod is replaced by sandbox B (same pod, so the same host veth name); a DEL for A that
+    arrives late (runtime GC, restart) must release A's address only, never B's veth, route or address."""
+    ns = "e2e-" + uuid.uuid4().hex[:6]
+    datastore.ensure_namespace(ns)
+    pod = "web"
+    datastore.create_pod(ns, pod, NODE)
+    peer_pod, peer_cid, peer_n = "peer", uuid.uuid4().hex, netns.new()
+    datastore.create_pod(ns, peer_pod, NODE)
+    rc, peer = run_cni(plugin, "ADD", calico_conf(agent), cid=peer_cid, netns=f"/run/netns/{peer_n}", ns=ns,
+                       pod=peer_pod)
+    assert rc == 0, (peer, agent.log_tail())
+    cid_a, n_a = uuid.uuid4().hex, netns.new()
+    rc, res_a = run_cni(plugin, "ADD", calico_conf(agent), cid=cid_a, netns=f"/run/netns/{n_a}", ns=ns, pod=pod)
+    assert rc == 0, (res_a, agent.log_tail())
+    cid_b, n_b = uuid.uuid4().hex, netns.new()
+    rc, res_b = run_cni(plugin, "ADD", calico_conf(agent), cid=cid_b, netns=f"/run/netns/{n_b}", ns=ns, pod=pod)
+    assert rc == 0, (res_b, agent.log_tail())
+    ip_a = res_a["ips"][0]["address"].split("/")[0]
+    ip_b = res_b["ips"][0]["address"].split("/")[0]
+    peer_ip = peer["ips"][0]["address"].split("/")[0]
+    veth = names.veth_name_for_workload(ns, pod)
+    assert ping(n_b, peer_ip), agent.log_tail()
+    try:
+        # The late DEL for A, with and without its netns.
+        assert run_cni(plugin, "DEL", calico_conf(agent), cid=cid_a, netns=f"/run/netns/{n_a}", ns=ns, pod=pod)[0] == 0
+        assert run_cni(plugin, "DEL", calico_conf(agent), cid=cid_a, netns="", ns=ns, pod=pod)[0] == 0
+        assert veth in cali_links(), agent.log_tail()
+        assert f"{ip_b} dev {veth}" in sh("ip", "route", "show", f"{ip_b}/32"), agent.log_tail()
+        assert ping(n_b, peer_ip) and ping(peer_n, ip_b), agent.log_tail()
+        _, used = ipam_usage(datastore)
+        if ip_a != ip_b:
+            assert ip_a not in used, used  # A's address went back to the pool
+        assert ip_b in used
+    finally:
+        for cid, n, p in ((cid_b, n_b, pod), (peer_cid, peer_n, peer_pod)):
+            run_cni(plugin, "DEL", calico_conf(agent), cid=cid, netns=f"/run/netns/{n}", ns=ns, pod=p)
