@@ -325,13 +325,21 @@ class CniHandler:
             return spec.format_result(result, req.conf.cni_version)
         except BaseException:
             # Leave nothing behind: veth, endpoint, addresses (only ones this ADD allocated).
-            self._weps.pop(key, None)
+            cached = self._weps.get(key)
+            if cached is not None and cached[0] == req.container_id:
+                self._weps.pop(key, None)
             if early is not None:
                 with contextlib.suppress(BaseException):
                     await early
+            veth_gone = True
             if wired:
-                with contextlib.suppress(Exception):
+                try:
                     await self._reap(veth, req.netns, req.ifname)
+                except Exception as e:
+                    # The addresses stay allocated while the veth may still exist (no reuse under a live
+                    # interface); the runtime's DEL for this failed ADD retries the teardown and releases.
+                    log.warning("ADD %s failed and its veth %s could not be removed: %s", key, veth, e)
+                    veth_gone = False
             if wep_written:
                 with contextlib.suppress(Exception):
                     last = await self._delete_wep(key, req.container_id)
@@ -340,7 +348,7 @@ class CniHandler:
             elif early is not None:
                 with contextlib.suppress(Exception):
                     await self.h.program_endpoint(key, None, "")  # take the early endpoint back
-            if fresh:
+            if fresh and veth_gone:
                 with contextlib.suppress(Exception):
                     await self._release(req)
             raise
