@@ -526,8 +526,9 @@ class Agent:
             servers.append(await health.serve(self.health, self.cfg.health_host, self.cfg.health_port,
                                               status=self.status_report))
         if self.cfg.prometheus_enabled and self.cfg.prometheus_port != self.cfg.health_port:
-            servers.append(await health.serve(self.health, self.cfg.prometheus_host,
-                                              self.cfg.prometheus_port, status=self.status_report))
+            # No /status here: the metrics port listens on every interface by default, and /status names
+            # endpoints and policy errors (it stays on the health port, localhost by default).
+            servers.append(await health.serve(self.health, self.cfg.prometheus_host, self.cfg.prometheus_port))
         configure_kernel()
         self.health.report("FelixStartup", ready=False, detail="connecting to datastore")
         # SIGTERM while the datastore is unreachable must stop the agent too, not wait for the connection.
