@@ -39,8 +39,10 @@ Semantics chosen where Calico leaves room:
 - Policies in a tier sort by order (None = +inf) then ``"<name>/<namespace>/<kind>"``.
 - ``do_not_track`` / ``pre_dnat`` / ``apply_on_forward`` policies are selected like any other. A host
   endpoint's update (``host=True``) lists only the normal ones (neither pre-DNAT nor do-not-track) in
-  ``tiers`` and the applyOnForward ones among them again in ``forward_tiers`` (Calico's splitTiers); a
-  workload's lists them all and the dataplane never jumps to pre-DNAT / do-not-track policies.
+  ``tiers`` and the applyOnForward ones among them again in ``forward_tiers`` (Calico's splitTiers), the
+  do-not-track ones in ``untracked_tiers`` and the pre-DNAT ones (ingress only) in ``pre_dnat_tiers``; a
+  workload's lists them all and the dataplane never jumps to pre-DNAT / do-not-track policies from a
+  workload chain.
 - A profile an endpoint names but that has no Profile resource is sent as a fail-closed placeholder
   (one Deny rule per direction), so the endpoint never jumps to a missing chain and never gets traffic a
   missing profile might have denied.
@@ -53,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from felixpy.model.policy import (
@@ -792,13 +794,16 @@ class PolicyCalculator:
                     removes.append(EndpointPolicyRemove(ep_id))
                 continue
             if ep.host:
-                # Calico's splitTiers: pre-DNAT and do-not-track policies belong to other tables (not
-                # rendered: docs/policy.md); of the normal ones, applyOnForward also apply to forwarded traffic.
+                # Calico's splitTiers: pre-DNAT (mangle, ingress only) and do-not-track (raw) policies go to
+                # their own tables; of the normal ones, applyOnForward also apply to forwarded traffic.
+                pre = self._endpoint_tiers(ep_id, lambda p: p.pre_dnat and not p.do_not_track)
                 want = EndpointPolicyUpdate(
                     endpoint=ep_id, iface=ep.iface, profiles=ep.profiles, name=ep.name, host=True,
                     tiers=self._endpoint_tiers(ep_id, lambda p: not (p.pre_dnat or p.do_not_track)),
                     forward_tiers=self._endpoint_tiers(
-                        ep_id, lambda p: p.apply_on_forward and not (p.pre_dnat or p.do_not_track)))
+                        ep_id, lambda p: p.apply_on_forward and not (p.pre_dnat or p.do_not_track)),
+                    untracked_tiers=self._endpoint_tiers(ep_id, lambda p: p.do_not_track),
+                    pre_dnat_tiers=tuple(replace(t, egress=()) for t in pre))
             else:
                 want = EndpointPolicyUpdate(endpoint=ep_id, iface=ep.iface, tiers=self._endpoint_tiers(ep_id),
                                             profiles=ep.profiles, name=ep.name)

@@ -292,14 +292,16 @@ def make_nat_backend(kind: str = "nftables", *, ip_version: int = 4, netns: str 
     """(driver for the dataplane loop, manager) for ``kind`` ``nftables`` (table ``ip calico``) or
     ``iptables`` (nat table + ``cali40`` IP sets, applied in that order by one driver).
 
-    ``with_filter`` (iptables only): the driver also owns the filter table, for the policy manager
-    (``PolicyManager(dp)``); both tables share one ``Iptables`` runner and the IP sets."""
+    ``with_filter`` (iptables only): the driver also owns the filter, raw and mangle tables, for the policy
+    manager (``PolicyManager(dp)``); the tables share one ``Iptables`` runner and the IP sets."""
     dp: NftTable | IptablesDataplane
     if kind == "nftables":
         dp = NftTable(Nft(netns), family="ip" if ip_version == 4 else "ip6")
     elif kind == "iptables":
         ipt = Iptables(ip_version=ip_version, backend=iptables_backend, netns=netns)
-        tables = [IptablesTable("nat", ipt), *([IptablesTable("filter", ipt)] if with_filter else [])]
+        # With policy: filter, plus raw (doNotTrack host endpoint policy) and mangle (preDNAT policy).
+        extra = ["filter", "raw", "mangle"] if with_filter else []
+        tables = [IptablesTable("nat", ipt), *(IptablesTable(t, ipt) for t in extra)]
         dp = IptablesDataplane(tables, IpSets(Ipset(netns=netns), ip_version=ip_version))
     else:
         raise ValueError(f"NAT backend must be nftables or iptables, not {kind!r}")

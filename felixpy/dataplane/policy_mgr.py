@@ -20,7 +20,8 @@ a chain or verdict map that refers to something missing):
   empty: it matches nothing, as Felix's empty ipset would;
 - an endpoint chain leaves out jumps to policy or profile chains that do not exist (yet) and is
   re-rendered when they appear; the tier still ends in its drop, so this fails closed;
-- staged policies, and pre-DNAT / do-not-track ones (host endpoints only), are never jumped to;
+- staged policies are never jumped to; pre-DNAT / do-not-track ones only from host endpoints' mangle /
+  raw chains (their policy chains live in that table on iptables);
 - a policy, profile, set or endpoint that cannot be rendered is logged and listed in ``errors``; what
   the manager last pushed for it stays (an endpoint that was never valid gets no chain, so its
   interface hits "Unknown interface" and is dropped);
@@ -29,7 +30,11 @@ a chain or verdict map that refers to something missing):
 Host endpoints (``EndpointPolicyUpdate.host``) live in their own slots (``hep:<iface>``, so a host
 endpoint never competes with a workload for an interface): chains ``fh``/``th`` (normal policy, failsafe
 first) always, ``fhfw``/``thfw`` only in a direction that has applyOnForward policies; the four host
-dispatch chains are rewritten when the set of host endpoints or their forward chains change.
+dispatch chains are rewritten when the set of host endpoints or their optional chains change. Untracked
+(do-not-track) chains ``fh``/``th`` in the raw table (nft: ``raw-cali-fh-<if>``, hooks prerouting/output at
+raw priority) and pre-DNAT chains ``fh`` in mangle (``mangle-cali-fh-<if>``, prerouting at mangle priority)
+exist only in a direction that has such policies. On iptables they need the dataplane's raw and mangle
+tables; without them such a policy is listed in ``errors`` and not enforced.
 
 Overlay between nodes: the static INPUT/OUTPUT chains accept IPIP / VXLAN from/to the all-hosts set
 (``ALL_HOSTS_SET_ID``, from the calculation layer) before host endpoint policy, as Felix does, while
@@ -57,13 +62,23 @@ from felixpy.dataplane.drivers.nftables import Rule as DriverRule
 from felixpy.dataplane.policy_render import (
     CHAIN_KIND_FORWARD,
     CHAIN_KIND_HOST,
+    CHAIN_KIND_PRE_DNAT,
+    CHAIN_KIND_TABLE,
+    CHAIN_KIND_UNTRACKED,
     CHAIN_KIND_WORKLOAD,
+    HEP_FWD_IN,
+    HEP_FWD_OUT,
+    HEP_PRE_DNAT_IN,
+    HEP_RAW_IN,
+    HEP_RAW_OUT,
     MAP_FROM_WL_DISPATCH,
     MAP_TO_WL_DISPATCH,
+    TABLE_FILTER,
     ChainSpec,
     DropKey,
     PolicyRenderError,
     RenderOptions,
+    policy_table,
     rules_set_ids,
     static_set_ids,
 )
@@ -84,6 +99,7 @@ from felixpy.model.policy import (
     PolicyKey,
     Profile,
     SetMember,
+    TierPolicies,
 )
 
 log = logging.getLogger(__name__)
@@ -100,9 +116,10 @@ class _Renderer(Protocol):
 
     def endpoint_chain_name(self, iface: str, direction: str) -> str: ...
 
-    def host_endpoint_chain_name(self, iface: str, direction: str, forward: bool = False) -> str: ...
+    def host_endpoint_chain_name(self, iface: str, direction: str, forward: bool = False,
+                                 table: str = ...) -> str: ...
 
-    def host_dispatch_chains(self, heps: dict[str, tuple[bool, bool]], opts: RenderOptions = ...) -> list[ChainSpec]:
+    def host_dispatch_chains(self, heps: dict[str, tuple[bool, ...]], opts: RenderOptions = ...) -> list[ChainSpec]:
         ...
 
     def policy_chains(self, policy: Policy, opts: RenderOptions = ...) -> list[ChainSpec]: ...
@@ -140,12 +157,21 @@ class _Backend:
     def endpoint_chain_name(self, iface: str, direction: str) -> str:
         return self.render.endpoint_chain_name(iface, direction)
 
-    def host_endpoint_chain_name(self, iface: str, direction: str, forward: bool = False) -> str:
-        return self.render.host_endpoint_chain_name(iface, direction, forward)
+    def host_endpoint_chain_name(self, iface: str, direction: str, forward: bool = False,
+                                 table: str = TABLE_FILTER) -> str:
+        return self.render.host_endpoint_chain_name(iface, direction, forward, table)
 
-    def write_hep_dispatch(self, heps: dict[str, tuple[bool, bool]], opts: RenderOptions) -> None:
+    def write_hep_dispatch(self, heps: dict[str, tuple[bool, ...]], opts: RenderOptions) -> None:
         for spec in self.render.host_dispatch_chains(heps, opts):
-            self.t.set_chain(spec.name, spec.rules)
+            if self.has_table(spec.table):
+                self.table(spec.table).set_chain(spec.name, spec.rules)
+
+    def table(self, name: str) -> _Table:
+        """The driver table a chain of Felix's table ``name`` goes in (nft: our one table)."""
+        return self.t
+
+    def has_table(self, name: str) -> bool:
+        return True
 
     def policy_chains(self, policy: Policy, opts: RenderOptions) -> list[ChainSpec]:
         return self.render.policy_chains(policy, opts)
@@ -168,14 +194,15 @@ class _Backend:
     def read_counters(self) -> dict[str, tuple[int, int]]:
         raise NotImplementedError
 
-    def set_chain(self, name: str, rules: Iterable[DriverRule]) -> None:
-        self.t.set_chain(name, list(rules))
+    def set_chain(self, name: str, rules: Iterable[DriverRule], table: str = TABLE_FILTER) -> None:
+        self.table(table).set_chain(name, list(rules))
 
-    def remove_chain(self, name: str) -> None:
-        self.t.remove_chain(name)
+    def remove_chain(self, name: str, table: str = TABLE_FILTER) -> None:
+        if self.has_table(table):
+            self.table(table).remove_chain(name)
 
-    def has_chain(self, name: str) -> bool:
-        return self.t.has_chain(name)
+    def has_chain(self, name: str, table: str = TABLE_FILTER) -> bool:
+        return self.has_table(table) and self.table(table).has_chain(name)
 
     def set_name(self, set_id: str, ip_version: int) -> str:
         raise NotImplementedError
@@ -248,6 +275,15 @@ class _IptBackend(_Backend):
         self.render = ipt_render
         self.t = dp.table("filter")
         self.ipsets = dp.ipsets
+        # Untracked / pre-DNAT policy need the raw / mangle tables (optional: without them it is not enforced).
+        self._tables: dict[str, IptablesTable] = {n: dp.table(n) for n in ("filter", "raw", "mangle")
+                                                  if n in dp.tables}
+
+    def table(self, name: str) -> IptablesTable:
+        return self._tables[name]
+
+    def has_table(self, name: str) -> bool:
+        return name in self._tables
 
     def set_name(self, set_id: str, ip_version: int) -> str:
         return ipt_render.ipset_name(set_id, ip_version)
@@ -266,11 +302,13 @@ class _IptBackend(_Backend):
 
     def write_static(self, opts: RenderOptions) -> None:
         for spec in ipt_render.static_chains(opts):
-            self.t.set_chain(spec.name, spec.rules)
+            if self.has_table(spec.table):
+                self.table(spec.table).set_chain(spec.name, spec.rules)
         # The dispatch chains exist from the start (cali-FORWARD jumps to them): no endpoint, all DROP.
         self.write_dispatch(())
         for h in ipt_render.hooks(opts):
-            self.t.set_hooks(h.chain, insert=h.insert, append=h.append)
+            if self.has_table(h.table):
+                self.table(h.table).set_hooks(h.chain, insert=h.insert, append=h.append)
 
     def write_dispatch(self, ifaces: Iterable[str]) -> None:
         for spec in ipt_render.dispatch_chains(ifaces):
@@ -321,13 +359,17 @@ class PolicyManager:
         self._static_ever = False
         self._dispatch_dirty = True
         self._hep_dispatch_dirty = False  # the static chains start with empty host dispatch chains
-        self._hep_fwd: dict[str, tuple[bool, bool]] = {}  # pushed host endpoint iface -> forward chains in/out
+        # Pushed host endpoint iface -> which optional chains it has (policy_render.HEP_FWD_IN ... indices).
+        self._hep_fwd: dict[str, tuple[bool, ...]] = {}
         # What was pushed into the table.
-        self._obj_chains: dict[str, tuple[str, ...]] = {}  # "policy <id>" / "profile <name>" -> chains
+        self._obj_chains: dict[str, tuple[tuple[str, str], ...]] = {}  # "policy <id>" / "profile <n>" -> (table, chain)
         self._chain_sets: dict[str, frozenset[str]] = {}  # policy/profile chain -> set ids it uses
         self._referenced: frozenset[str] = frozenset()
         self._pushed_sets: set[str] = set()
-        self._hidden: set[PolicyKey] = set()  # staged / host-endpoint-only: never jumped to
+        self._hidden: set[PolicyKey] = set()  # staged: never jumped to
+        # Non-filter policies (raw: do-not-track, mangle: pre-DNAT): jumped to only from chains of that table
+        # (a workload's tiers list them too; Calico applies them to host endpoints only).
+        self._policy_table: dict[PolicyKey, str] = {}
         self._iface_ep: dict[str, str] = {}  # slot (iface, or "hep:<iface>") -> endpoint whose chains are pushed
         self._iface_wants: dict[str, frozenset[str]] = {}  # iface -> policy/profile chains it refers to
         self._wanted_by: dict[str, set[str]] = {}  # policy/profile chain -> ifaces referring to it
@@ -481,36 +523,45 @@ class PolicyManager:
 
     # -- policies and profiles ----------------------------------------------------------------------
     def _push_chains(self, obj: str, specs: list[ChainSpec], sets: frozenset[str]) -> set[str]:
-        """Push an object's chains, remove those it no longer has; returns chain names added or removed."""
+        """Push an object's chains, remove those it no longer has; returns chain names added or removed
+        (a chain moving between tables counts as changed)."""
         old = set(self._obj_chains.get(obj, ()))
-        new = {s.name for s in specs}
+        new = {(s.table, s.name) for s in specs}
         for s in specs:
-            self._b.set_chain(s.name, s.rules)
+            self._b.set_chain(s.name, s.rules, s.table)
             self._chain_sets[s.name] = sets
-        for name in old - new:
-            self._b.remove_chain(name)
-            self._chain_sets.pop(name, None)
+        for table, name in old - new:
+            self._b.remove_chain(name, table)
+            if name not in {n for _, n in new}:
+                self._chain_sets.pop(name, None)
         if new:
             self._obj_chains[obj] = tuple(sorted(new))
         else:
             self._obj_chains.pop(obj, None)
-        return old ^ new
+        return {name for _, name in old ^ new}
 
     def _sync_policy(self, key: PolicyKey) -> set[str]:
         obj = f"policy {key.id}"
         pol = self._policies.get(key)
         was_hidden = key in self._hidden
-        hidden = pol is not None and (pol.staged or pol.pre_dnat or pol.do_not_track)
+        hidden = pol is not None and pol.staged
         if hidden:
             self._hidden.add(key)
         else:
             self._hidden.discard(key)
         names = {self._b.policy_chain_name(key, d) for d in (INGRESS, EGRESS)}
-        visibility = names if was_hidden != hidden else set()
+        table = policy_table(pol) if pol is not None else TABLE_FILTER
+        was_table = self._policy_table.pop(key, TABLE_FILTER)
+        if table != TABLE_FILTER:
+            self._policy_table[key] = table
+        visibility = names if was_hidden != hidden or was_table != table else set()
         if pol is None or hidden:
             self.errors.pop(obj, None)
             return self._push_chains(obj, [], frozenset()) | visibility
         try:
+            if not self._b.has_table(policy_table(pol)):
+                raise ValueError(f"{'do-not-track' if pol.do_not_track else 'pre-DNAT'} policy needs the "
+                                 f"{policy_table(pol)} table, which this iptables dataplane does not manage")
             specs = self._b.policy_chains(pol, self.options)
             sets = rules_set_ids((*pol.ingress, *pol.egress))
             for s in sets:
@@ -575,13 +626,20 @@ class PolicyManager:
             return None
         return self._endpoints[max(eps, key=lambda k: self._ep_seq.get(k, 0))]
 
-    def _slot_chains(self, slot: str) -> list[tuple[str, str, str]]:
-        """(chain name, direction, chain kind) of every chain a slot may have."""
+    def _slot_chains(self, slot: str) -> list[tuple[str, str, str, int | None]]:
+        """(chain name, direction, chain kind, optional-chain flag index or None) of every chain a slot may
+        have; the chain's table is ``CHAIN_KIND_TABLE[kind]``."""
         if slot.startswith(_HEP_SLOT):
             iface = slot[len(_HEP_SLOT):]
-            return [(self._b.host_endpoint_chain_name(iface, d, fwd), d, CHAIN_KIND_FORWARD if fwd else CHAIN_KIND_HOST)
-                    for fwd in (False, True) for d in (INGRESS, EGRESS)]
-        return [(self._b.endpoint_chain_name(slot, d), d, CHAIN_KIND_WORKLOAD) for d in (INGRESS, EGRESS)]
+            name = self._b.host_endpoint_chain_name
+            return [(name(iface, INGRESS), INGRESS, CHAIN_KIND_HOST, None),
+                    (name(iface, EGRESS), EGRESS, CHAIN_KIND_HOST, None),
+                    (name(iface, INGRESS, True), INGRESS, CHAIN_KIND_FORWARD, HEP_FWD_IN),
+                    (name(iface, EGRESS, True), EGRESS, CHAIN_KIND_FORWARD, HEP_FWD_OUT),
+                    (name(iface, INGRESS, False, "raw"), INGRESS, CHAIN_KIND_UNTRACKED, HEP_RAW_IN),
+                    (name(iface, EGRESS, False, "raw"), EGRESS, CHAIN_KIND_UNTRACKED, HEP_RAW_OUT),
+                    (name(iface, INGRESS, False, "mangle"), INGRESS, CHAIN_KIND_PRE_DNAT, HEP_PRE_DNAT_IN)]
+        return [(self._b.endpoint_chain_name(slot, d), d, CHAIN_KIND_WORKLOAD, None) for d in (INGRESS, EGRESS)]
 
     def _sync_iface(self, iface: str) -> None:
         """Push the chains of one slot: a workload interface, or ``hep:<iface>`` for a host endpoint."""
@@ -591,8 +649,8 @@ class PolicyManager:
         pushed = self._iface_ep.get(iface)
         if ep is None:
             if pushed is not None:
-                for name, _, _ in self._slot_chains(iface):
-                    self._b.remove_chain(name)
+                for name, _, kind, _ in self._slot_chains(iface):
+                    self._b.remove_chain(name, CHAIN_KIND_TABLE[kind])
                 del self._iface_ep[iface]
                 self._set_drops(iface, {})
                 if host:
@@ -606,39 +664,53 @@ class PolicyManager:
         obj = f"endpoint {ep.endpoint}"
         has = self._b.has_chain
         wants: set[str] = set()
-        for tier in (*ep.tiers, *ep.forward_tiers):
+        for tier in (*ep.tiers, *ep.forward_tiers, *ep.untracked_tiers, *ep.pre_dnat_tiers):
             wants |= {self._b.policy_chain_name(k, INGRESS) for k in tier.ingress}
             wants |= {self._b.policy_chain_name(k, EGRESS) for k in tier.egress}
         for p in ep.profiles:
             wants |= {self._b.profile_chain_name(p, d) for d in (INGRESS, EGRESS)}
         self._set_wants(iface, frozenset(wants))
         drops: dict[str, DropKey] = {}
-        fwd = (False, False)
+        fwd: tuple[bool, ...] = ()
         try:
-            chains: list[tuple[str, list[DriverRule]]] = []
-            gone: list[str] = []
+            chains: list[tuple[str, str, list[DriverRule]]] = []
+            gone: list[tuple[str, str]] = []
             if host:
-                # A forward chain only where applyOnForward policies apply (otherwise forwarded traffic
-                # through this interface is not host endpoint policy's business).
-                fwd = tuple(any(k not in self._hidden for t in ep.forward_tiers
-                                for k in (t.ingress if d == INGRESS else t.egress))
-                            for d in (INGRESS, EGRESS))  # type: ignore[assignment]
-            for name, d, kind in self._slot_chains(iface):
-                if kind == CHAIN_KIND_FORWARD and not fwd[0 if d == INGRESS else 1]:
-                    gone.append(name)
+                # A forward / untracked / pre-DNAT chain only where such policies apply (otherwise that
+                # traffic through this interface is not host endpoint policy's business).
+                def some(tiers: tuple[TierPolicies, ...], d: str) -> bool:
+                    return any(k not in self._hidden for t in tiers
+                               for k in (t.ingress if d == INGRESS else t.egress))
+
+                fwd = (some(ep.forward_tiers, INGRESS), some(ep.forward_tiers, EGRESS),
+                       some(ep.untracked_tiers, INGRESS), some(ep.untracked_tiers, EGRESS),
+                       some(ep.pre_dnat_tiers, INGRESS))
+            for name, d, kind, flag in self._slot_chains(iface):
+                table = CHAIN_KIND_TABLE[kind]
+                if flag is not None and not fwd[flag]:
+                    gone.append((name, table))
                     continue
-                chains.append((name, self._b.endpoint_chain(ep, d, self.options, has, self._hidden.__contains__,
-                                                            drops, kind)))
+                if not self._b.has_table(table):
+                    raise ValueError(f"{kind} policy needs the {table} table, which this iptables dataplane "
+                                     f"does not manage")
+
+                def avail(c: str, table: str = table) -> bool:
+                    return has(c, table)
+
+                def skip(k: PolicyKey, table: str = table) -> bool:
+                    return k in self._hidden or self._policy_table.get(k, TABLE_FILTER) != table
+
+                chains.append((name, table, self._b.endpoint_chain(ep, d, self.options, avail, skip, drops, kind)))
             # The counters first: a chain referring to a counter that is not desired is not programmed.
             self._set_drops(iface, drops)
-            for name, rules in chains:
-                self._b.set_chain(name, rules)
-            for name in gone:
-                self._b.remove_chain(name)
+            for name, table, rules in chains:
+                self._b.set_chain(name, rules, table)
+            for name, table in gone:
+                self._b.remove_chain(name, table)
         except ValueError as e:
             self._error(obj, e)
             return
-        missing = sorted(w for w in wants if not has(w))
+        missing = sorted(w for w in wants if not any(has(w, t) for t in ("filter", "raw", "mangle")))
         if missing:
             log.info("endpoint %s: chains %s not there yet, left out", ep.endpoint, ", ".join(missing))
         self.errors.pop(obj, None)

@@ -57,7 +57,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from felixpy.dataplane.drivers.nftables import PRIO_FILTER, BaseChain, legal_set_name
+from felixpy.dataplane.drivers.nftables import PRIO_FILTER, PRIO_MANGLE, PRIO_RAW, BaseChain, legal_set_name
 from felixpy.dataplane.drivers.nftables import Rule as NftRule
 from felixpy.model.policy import (
     ACTION_ALLOW,
@@ -118,11 +118,36 @@ PREFIX_FROM_HEP_FWD = "filter-cali-fhfw-"
 PREFIX_TO_HEP_FWD = "filter-cali-thfw-"
 # The chain suffix of an all-interfaces host endpoint: "/" is in no interface name, so it never collides.
 HEP_ALL_SUFFIX = "all/"
+# Untracked (do-not-track, raw priority) and pre-DNAT (mangle priority) policy: Felix's raw / mangle tables,
+# here base chains of our one table named as Felix's nft mode names them.
+CHAIN_BASE_RAW_PREROUTING = "raw-PREROUTING"
+CHAIN_BASE_RAW_OUTPUT = "raw-OUTPUT"
+CHAIN_BASE_MANGLE_PREROUTING = "mangle-PREROUTING"
+CHAIN_RAW_PREROUTING = "raw-cali-PREROUTING"
+CHAIN_RAW_OUTPUT = "raw-cali-OUTPUT"
+CHAIN_MANGLE_PREROUTING = "mangle-cali-PREROUTING"
+CHAIN_RAW_FROM_HEP = "raw-cali-from-host-endpoint"
+CHAIN_RAW_TO_HEP = "raw-cali-to-host-endpoint"
+CHAIN_MANGLE_FROM_HEP = "mangle-cali-from-host-endpoint"
+CHAIN_RAW_FAILSAFE_IN = "raw-cali-failsafe-in"  # raw's also pass replies of the other direction's ports
+CHAIN_RAW_FAILSAFE_OUT = "raw-cali-failsafe-out"
+TABLE_FILTER, TABLE_RAW, TABLE_MANGLE = "filter", "raw", "mangle"
 # Endpoint chain kinds (render_endpoint_chain's ``chain``).
 CHAIN_KIND_WORKLOAD = "workload"
 CHAIN_KIND_HOST = "host"
 CHAIN_KIND_FORWARD = "forward"
-_CHAIN_KINDS = (CHAIN_KIND_WORKLOAD, CHAIN_KIND_HOST, CHAIN_KIND_FORWARD)
+CHAIN_KIND_UNTRACKED = "untracked"  # a host endpoint's do-not-track chain (raw)
+CHAIN_KIND_PRE_DNAT = "prednat"  # a host endpoint's pre-DNAT chain (mangle, ingress only)
+_CHAIN_KINDS = (CHAIN_KIND_WORKLOAD, CHAIN_KIND_HOST, CHAIN_KIND_FORWARD, CHAIN_KIND_UNTRACKED, CHAIN_KIND_PRE_DNAT)
+# The table (Felix's; nft: the chain name's prefix) each endpoint chain kind lives in.
+CHAIN_KIND_TABLE = {CHAIN_KIND_WORKLOAD: TABLE_FILTER, CHAIN_KIND_HOST: TABLE_FILTER, CHAIN_KIND_FORWARD: TABLE_FILTER,
+                    CHAIN_KIND_UNTRACKED: TABLE_RAW, CHAIN_KIND_PRE_DNAT: TABLE_MANGLE}
+
+
+def policy_table(policy: Policy) -> str:
+    """Where a policy's chains live: do-not-track ones in raw, pre-DNAT ones in mangle, others in filter
+    (nft: all in our one table, under the same names; iptables: that table)."""
+    return TABLE_RAW if policy.do_not_track else TABLE_MANGLE if policy.pre_dnat else TABLE_FILTER
 # Felix's FailsafeInboundHostPorts / FailsafeOutboundHostPorts defaults.
 DEFAULT_FAILSAFE_IN = ("tcp:22", "udp:68", "tcp:179", "tcp:2379", "tcp:2380", "tcp:5473", "tcp:6443", "tcp:6666",
                        "tcp:6667")
@@ -263,6 +288,7 @@ class ChainSpec:
     name: str
     rules: tuple[NftRule, ...]
     base: BaseChain | None = None
+    table: str = TABLE_FILTER  # iptables: the table it goes in (nft: one table, the name says it)
 
 
 def _limited(prefix: str, suffix: str) -> str:
@@ -305,14 +331,19 @@ def endpoint_chain_name(iface: str, direction: str) -> str:
     return _limited(PREFIX_TO_WL if direction == INGRESS else PREFIX_FROM_WL, check_iface(iface))
 
 
-def host_endpoint_chain_name(iface: str, direction: str, forward: bool = False) -> str:
+def host_endpoint_chain_name(iface: str, direction: str, forward: bool = False, table: str = TABLE_FILTER) -> str:
     """Ingress policy of a host endpoint lives in the from-host chain (``fh``, ``fhfw`` for forwarded
-    traffic), egress in the to-host-endpoint one (``th`` / ``thfw``); ``*`` is the all-interfaces one."""
+    traffic), egress in the to-host-endpoint one (``th`` / ``thfw``); ``*`` is the all-interfaces one.
+    ``table`` raw / mangle: the untracked / pre-DNAT chain (``raw-cali-fh-<if>``, Felix's nft names)."""
     _check_direction(direction)
     if forward:
         prefix = PREFIX_FROM_HEP_FWD if direction == INGRESS else PREFIX_TO_HEP_FWD
     else:
         prefix = PREFIX_FROM_HEP if direction == INGRESS else PREFIX_TO_HEP
+    if table != TABLE_FILTER:
+        if forward or table not in (TABLE_RAW, TABLE_MANGLE) or (table == TABLE_MANGLE and direction != INGRESS):
+            raise PolicyRenderError(f"no {table} host endpoint chain for {direction} (forward={forward})")
+        prefix = table + prefix[len(TABLE_FILTER):]
     return _limited(prefix, HEP_ALL_SUFFIX if iface == HEP_ALL_INTERFACES else check_iface(iface))
 
 
@@ -610,9 +641,10 @@ def render_profile_chain(profile: Profile, direction: str, opts: RenderOptions =
 
 
 def policy_chains(policy: Policy, opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
-    """The chains of a policy: one per direction it has (``types``)."""
-    return [ChainSpec(policy_chain_name(policy.key, d), tuple(render_policy_chain(policy, d, opts)))
-            for d in _DIRECTIONS if d in policy.types]
+    """The chains of a policy: one per direction it has (``types``; a pre-DNAT policy: ingress only)."""
+    table = policy_table(policy)
+    return [ChainSpec(policy_chain_name(policy.key, d), tuple(render_policy_chain(policy, d, opts)), table=table)
+            for d in _DIRECTIONS if d in policy.types and not (d == EGRESS and table == TABLE_MANGLE)]
 
 
 def profile_chains(profile: Profile, opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
@@ -649,12 +681,16 @@ def _drop_points(ep: EndpointPolicyUpdate, direction: str, has: Callable[[str], 
     TierPolicies, key of its end drop), ("policy", PolicyKey, key), ("endtier", tier, key), ("profile",
     name, key), ("end", None, key). A forward chain (``chain`` "forward") uses the forward tiers and has
     neither profiles nor the final drop (Calico: forwarded traffic no applyOnForward policy decided on
-    goes on)."""
+    goes on); an untracked / pre-DNAT chain uses those tiers and has no end-of-tier drop either (Felix:
+    the filter table's normal policy still applies to what they did not decide)."""
     if chain not in _CHAIN_KINDS:
         raise PolicyRenderError(f"invalid endpoint chain kind {chain!r}")
     d = direction.lower()
     out: list[tuple[str, object, DropKey]] = []
-    for tier in (ep.forward_tiers if chain == CHAIN_KIND_FORWARD else ep.tiers):
+    tiers = {CHAIN_KIND_FORWARD: ep.forward_tiers, CHAIN_KIND_UNTRACKED: ep.untracked_tiers,
+             CHAIN_KIND_PRE_DNAT: ep.pre_dnat_tiers}.get(chain, ep.tiers)
+    early = chain in (CHAIN_KIND_UNTRACKED, CHAIN_KIND_PRE_DNAT)
+    for tier in tiers:
         if tier.default_action not in (ACTION_DENY, ACTION_PASS):
             raise PolicyRenderError(f"tier {tier.name}: invalid default action {tier.default_action!r}")
         keys = [k for k in (tier.ingress if direction == INGRESS else tier.egress) if not is_staged(k)]
@@ -664,9 +700,9 @@ def _drop_points(ep: EndpointPolicyUpdate, direction: str, has: Callable[[str], 
         for k in keys:
             if has(policy_chain(k, direction)):
                 out.append(("policy", k, (tier.name, k.id, d)))
-        if tier.default_action != ACTION_PASS:
+        if tier.default_action != ACTION_PASS and not early:
             out.append(("endtier", tier, (tier.name, END_OF_TIER, d)))
-    if chain == CHAIN_KIND_FORWARD:
+    if chain == CHAIN_KIND_FORWARD or early:
         return out
     for name in ep.profiles:
         if has(profile_chain(name, direction)):
@@ -712,10 +748,16 @@ def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: Render
         rules.append(NftRule(f'{match} counter name "{name}" drop'.strip(), _clean_comment(comment)))
         return rules
 
-    out = [NftRule("ct state established,related accept")]
-    if opts.drop_invalid:
-        out.append(NftRule("ct state invalid drop"))
-    if chain == CHAIN_KIND_HOST:
+    out: list[NftRule] = []
+    if chain != CHAIN_KIND_UNTRACKED:  # raw runs before conntrack: no state yet
+        out.append(NftRule("ct state established,related accept"))
+        if opts.drop_invalid:
+            out.append(NftRule("ct state invalid drop"))
+    if chain == CHAIN_KIND_UNTRACKED:
+        out.append(NftRule(f"jump {CHAIN_RAW_FAILSAFE_IN if direction == INGRESS else CHAIN_RAW_FAILSAFE_OUT}"))
+    elif chain in (CHAIN_KIND_HOST, CHAIN_KIND_PRE_DNAT):
+        # Failsafe ports pass before pre-DNAT policy too (Felix's mangle failsafe chains are the filter ones;
+        # in our one table the filter ones serve: an accept only ends the current base chain).
         out.append(NftRule(f"jump {CHAIN_FAILSAFE_IN if direction == INGRESS else CHAIN_FAILSAFE_OUT}"))
     out.append(NftRule(f"meta mark set meta mark & {_mark(~m.verdicts & 0xFFFFFFFF)}"))
     if direction == EGRESS and chain == CHAIN_KIND_WORKLOAD:
@@ -734,6 +776,8 @@ def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: Render
             assert isinstance(item, PolicyKey)
             out.append(NftRule(f"meta mark & {pass_} == 0 jump {policy_chain_name(item, direction)}"))
             out += counted_drop(on_drop, key, f"{item.id} {direction.lower()}", f"Drop if policy {item.id} denied")
+            if chain == CHAIN_KIND_UNTRACKED:
+                out.append(NftRule(f"meta mark & {accept} == {accept} notrack", "Untracked policy accepted"))
             out.append(NftRule(f"meta mark & {accept} == {accept} return", "Return if policy accepted"))
         elif kind == "endtier":
             assert isinstance(item, TierPolicies)
@@ -759,34 +803,47 @@ def dispatch_elements(ifaces: Iterable[str]) -> tuple[dict[str, str], dict[str, 
     return from_wl, to_wl
 
 
-HepDispatch = dict[str, tuple[bool, bool]]  # host endpoint iface -> (has forward ingress, forward egress) chain
+# Host endpoint iface -> which optional chains it has: (forward ingress, forward egress, untracked ingress,
+# untracked egress, pre-DNAT ingress); a shorter tuple means False for the rest.
+HepDispatch = dict[str, tuple[bool, ...]]
+HEP_FWD_IN, HEP_FWD_OUT, HEP_RAW_IN, HEP_RAW_OUT, HEP_PRE_DNAT_IN = range(5)
+
+
+def hep_has(flags: tuple[bool, ...], which: int | None) -> bool:
+    return which is None or (len(flags) > which and flags[which])
 
 
 def host_dispatch_chains(heps: HepDispatch, opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
-    """The four host-endpoint dispatch chains: a goto per interface (sorted; the all-interfaces endpoint
-    last, for interfaces without their own and never for workload ones). Forward dispatch only names
-    endpoints with a forward chain in that direction. No host endpoint: empty chains (return)."""
+    """The host-endpoint dispatch chains: a goto per interface (sorted; the all-interfaces endpoint
+    last, for interfaces without their own and never for workload ones). Forward, untracked and pre-DNAT
+    dispatch only name endpoints with such a chain in that direction. No host endpoint: empty chains."""
     wild = f'"{opts.iface_prefix}*"'
 
-    def rules(match: str, direction: str, forward: bool, which: int) -> tuple[NftRule, ...]:
+    def rules(match: str, direction: str, forward: bool, which: int | None,
+              table: str = TABLE_FILTER) -> tuple[NftRule, ...]:
         out = []
         for iface in sorted(i for i in heps if i != HEP_ALL_INTERFACES):
-            if not forward or heps[iface][which]:
+            if hep_has(heps[iface], which):
                 out.append(NftRule(f'{match} "{check_iface(iface)}" goto '
-                                   f"{host_endpoint_chain_name(iface, direction, forward)}"))
-        if HEP_ALL_INTERFACES in heps and (not forward or heps[HEP_ALL_INTERFACES][which]):
-            target = host_endpoint_chain_name(HEP_ALL_INTERFACES, direction, forward)
+                                   f"{host_endpoint_chain_name(iface, direction, forward, table)}"))
+        if HEP_ALL_INTERFACES in heps and hep_has(heps[HEP_ALL_INTERFACES], which):
+            target = host_endpoint_chain_name(HEP_ALL_INTERFACES, direction, forward, table)
             out.append(NftRule(f"{match} != {wild} goto {target}"))
         return tuple(out)
 
-    return [ChainSpec(CHAIN_FROM_HEP, rules("iifname", INGRESS, False, 0)),
-            ChainSpec(CHAIN_TO_HEP, rules("oifname", EGRESS, False, 1)),
-            ChainSpec(CHAIN_FROM_HEP_FWD, rules("iifname", INGRESS, True, 0)),
-            ChainSpec(CHAIN_TO_HEP_FWD, rules("oifname", EGRESS, True, 1))]
+    return [ChainSpec(CHAIN_FROM_HEP, rules("iifname", INGRESS, False, None)),
+            ChainSpec(CHAIN_TO_HEP, rules("oifname", EGRESS, False, None)),
+            ChainSpec(CHAIN_FROM_HEP_FWD, rules("iifname", INGRESS, True, HEP_FWD_IN)),
+            ChainSpec(CHAIN_TO_HEP_FWD, rules("oifname", EGRESS, True, HEP_FWD_OUT)),
+            ChainSpec(CHAIN_RAW_FROM_HEP, rules("iifname", INGRESS, False, HEP_RAW_IN, TABLE_RAW)),
+            ChainSpec(CHAIN_RAW_TO_HEP, rules("oifname", EGRESS, False, HEP_RAW_OUT, TABLE_RAW)),
+            ChainSpec(CHAIN_MANGLE_FROM_HEP, rules("iifname", INGRESS, False, HEP_PRE_DNAT_IN, TABLE_MANGLE))]
 
 
-def failsafe_rules(items: Sequence[str], inbound: bool, ip_version: int) -> list[str]:
-    """Accept rules for failsafe entries (entries whose CIDR is of the other IP version are left out)."""
+def failsafe_rules(items: Sequence[str], inbound: bool, ip_version: int, reply: bool = False) -> list[str]:
+    """Accept rules for failsafe entries (entries whose CIDR is of the other IP version are left out).
+    ``reply``: the raw table's rules for replies of the other direction's entries (source port; Felix: raw
+    runs before conntrack, so without them a reply could meet untracked policy)."""
     ip = "ip" if ip_version == 4 else "ip6"
     out = []
     for item in items:
@@ -794,7 +851,7 @@ def failsafe_rules(items: Sequence[str], inbound: bool, ip_version: int) -> list
         if net is not None and net.version != ip_version:
             continue
         where = f"{ip} {'saddr' if inbound else 'daddr'} {net} " if net is not None else ""
-        out.append(f"{where}{proto} dport {port} accept")
+        out.append(f"{where}{proto} {'sport' if reply else 'dport'} {port} accept")
     return out
 
 
@@ -812,14 +869,20 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
         types = ", ".join(str(t) for t in _ICMP6_TO_HOST)
         to_host.insert(0, NftRule(f"meta l4proto ipv6-icmp icmpv6 type {{ {types} }} accept"))
     filt = BaseChain("filter", "forward", PRIO_FILTER)
+    # Felix's acceptAlreadyAccepted: untracked / pre-DNAT policy allowed it (the raw and mangle chains
+    # clear the bits first, so only they can have set it).
+    already = NftRule(f"meta mark & {accept} == {accept} accept", "Accepted by untracked or pre-DNAT policy.")
+    host_accepted = NftRule(f"meta mark & {accept} == {accept} accept", "Host endpoint policy accepted packet.")
     return [
         ChainSpec(CHAIN_BASE_FORWARD, (
             NftRule(f"jump {CHAIN_FORWARD}"),
             NftRule(f"meta mark & {accept} == {accept} accept", "Policy explicitly accepted packet."),
         ), filt),
         ChainSpec(CHAIN_FORWARD, (
-            clear,
-            NftRule(f"jump {CHAIN_FROM_HEP_FWD}"),
+            # Felix: the accept bit carries untracked / pre-DNAT policy's verdict; such a packet skips the
+            # ingress host endpoint's forward policy, workload policy still decides.
+            NftRule(f"meta mark set meta mark & {_mark(~(m.verdicts & ~m.accept) & 0xFFFFFFFF)}"),
+            NftRule(f"meta mark & {accept} == 0 jump {CHAIN_FROM_HEP_FWD}"),
             NftRule(f"iifname {wild} jump {CHAIN_FROM_WL_DISPATCH}"),
             NftRule(f"oifname {wild} jump {CHAIN_TO_WL_DISPATCH}"),
             NftRule(f"jump {CHAIN_TO_HEP_FWD}"),
@@ -828,6 +891,7 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
         ChainSpec(CHAIN_INPUT, (
             *overlay_rules(opts, True),
             NftRule(f"iifname {wild} goto {CHAIN_WL_TO_HOST}"),
+            already,
             clear,
             NftRule(f"jump {CHAIN_FROM_HEP}"),
             NftRule(f"meta mark & {accept} == {accept} accept", "Host endpoint policy accepted packet."),
@@ -836,6 +900,7 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
                   BaseChain("filter", "output", PRIO_FILTER)),
         ChainSpec(CHAIN_OUTPUT, (
             # Host -> workload traffic is the workload's ingress policy's business (FORWARD never sees it).
+            already,
             NftRule(f"oifname {wild} return"),
             *overlay_rules(opts, False),
             clear,
@@ -846,10 +911,44 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
                                                                                 opts.ip_version))),
         ChainSpec(CHAIN_FAILSAFE_OUT, tuple(NftRule(r) for r in failsafe_rules(opts.failsafe_outbound, False,
                                                                                  opts.ip_version))),
+        ChainSpec(CHAIN_RAW_FAILSAFE_IN, tuple(NftRule(r) for r in (
+            *failsafe_rules(opts.failsafe_inbound, True, opts.ip_version),
+            *failsafe_rules(opts.failsafe_outbound, True, opts.ip_version, reply=True)))),
+        ChainSpec(CHAIN_RAW_FAILSAFE_OUT, tuple(NftRule(r) for r in (
+            *failsafe_rules(opts.failsafe_outbound, False, opts.ip_version),
+            *failsafe_rules(opts.failsafe_inbound, False, opts.ip_version, reply=True)))),
         ChainSpec(CHAIN_WL_TO_HOST, tuple(to_host)),
         ChainSpec(CHAIN_FROM_WL_DISPATCH, (NftRule(f"iifname vmap @{MAP_FROM_WL_DISPATCH}"),
                                            NftRule("drop", "Unknown interface"))),
         ChainSpec(CHAIN_TO_WL_DISPATCH, (NftRule(f"oifname vmap @{MAP_TO_WL_DISPATCH}"),
                                          NftRule("drop", "Unknown interface"))),
         *host_dispatch_chains({}, opts),
+        # Untracked policy (raw priority, before conntrack) and pre-DNAT policy (mangle priority, before
+        # DNAT), Felix's raw PREROUTING/OUTPUT and mangle PREROUTING; workload traffic never meets them.
+        ChainSpec(CHAIN_BASE_RAW_PREROUTING, (NftRule(f"jump {CHAIN_RAW_PREROUTING}"),),
+                  BaseChain("filter", "prerouting", PRIO_RAW)),
+        ChainSpec(CHAIN_RAW_PREROUTING, (
+            clear,
+            NftRule(f"iifname {wild} return"),
+            NftRule(f"jump {CHAIN_RAW_FROM_HEP}"),
+            host_accepted,
+        )),
+        ChainSpec(CHAIN_BASE_RAW_OUTPUT, (NftRule(f"jump {CHAIN_RAW_OUTPUT}"),),
+                  BaseChain("filter", "output", PRIO_RAW)),
+        ChainSpec(CHAIN_RAW_OUTPUT, (
+            clear,
+            NftRule(f"oifname {wild} return"),
+            NftRule(f"jump {CHAIN_RAW_TO_HEP}"),
+            host_accepted,
+        )),
+        ChainSpec(CHAIN_BASE_MANGLE_PREROUTING, (NftRule(f"jump {CHAIN_MANGLE_PREROUTING}"),),
+                  BaseChain("filter", "prerouting", PRIO_MANGLE)),
+        ChainSpec(CHAIN_MANGLE_PREROUTING, (
+            NftRule("ct state established,related accept"),
+            NftRule(f"meta mark & {accept} == {accept} accept", "Accepted by untracked policy."),
+            NftRule(f"iifname {wild} return"),
+            clear,
+            NftRule(f"jump {CHAIN_MANGLE_FROM_HEP}"),
+            host_accepted,
+        )),
     ]

@@ -53,12 +53,23 @@ from felixpy.dataplane.drivers.nftables import Rule as IptRule
 from felixpy.dataplane.policy_render import (
     CHAIN_KIND_FORWARD,
     CHAIN_KIND_HOST,
+    CHAIN_KIND_PRE_DNAT,
+    CHAIN_KIND_UNTRACKED,
     CHAIN_KIND_WORKLOAD,
     DEFAULT_OPTIONS,
     HEP_ALL_SUFFIX,
+    HEP_FWD_IN,
+    HEP_FWD_OUT,
+    HEP_PRE_DNAT_IN,
+    HEP_RAW_IN,
+    HEP_RAW_OUT,
     MAX_COMMENT_BYTES,
+    TABLE_FILTER,
+    TABLE_MANGLE,
+    TABLE_RAW,
     ChainSpec,
     DropKey,
+    HepDispatch,
     Marks,
     PolicyRenderError,
     RenderOptions,
@@ -66,8 +77,10 @@ from felixpy.dataplane.policy_render import (
     check_iface,
     drop_counter_name,
     drop_log_prefix,
+    hep_has,
     parse_failsafe,
     policy_header,
+    policy_table,
     rules_set_ids,
     set_id_for_selector,
 )
@@ -104,8 +117,11 @@ __all__ = [
     "CHAIN_INPUT",
     "CHAIN_KIND_FORWARD",
     "CHAIN_KIND_HOST",
+    "CHAIN_KIND_PRE_DNAT",
+    "CHAIN_KIND_UNTRACKED",
     "CHAIN_KIND_WORKLOAD",
     "CHAIN_OUTPUT",
+    "CHAIN_PREROUTING",
     "CHAIN_TO_HEP",
     "CHAIN_TO_HEP_FWD",
     "CHAIN_TO_WL_DISPATCH",
@@ -113,6 +129,9 @@ __all__ = [
     "MAX_CHAIN_NAME",
     "MAX_IPSET_NAME",
     "MAX_LOG_PREFIX",
+    "TABLE_FILTER",
+    "TABLE_MANGLE",
+    "TABLE_RAW",
     "HookSpec",
     "dispatch_chains",
     "endpoint_chain_name",
@@ -144,6 +163,7 @@ CHAIN_WL_TO_HOST = "cali-wl-to-host"
 CHAIN_FROM_WL_DISPATCH = "cali-from-wl-dispatch"
 CHAIN_TO_WL_DISPATCH = "cali-to-wl-dispatch"
 CHAIN_OUTPUT = "cali-OUTPUT"
+CHAIN_PREROUTING = "cali-PREROUTING"  # raw and mangle
 CHAIN_FROM_HEP = "cali-from-host-endpoint"
 CHAIN_TO_HEP = "cali-to-host-endpoint"
 CHAIN_FROM_HEP_FWD = "cali-from-hep-forward"
@@ -211,10 +231,15 @@ def endpoint_chain_name(iface: str, direction: str) -> str:
     return (PREFIX_TO_WL if direction == INGRESS else PREFIX_FROM_WL) + check_iface(iface)
 
 
-def host_endpoint_chain_name(iface: str, direction: str, forward: bool = False) -> str:
+def host_endpoint_chain_name(iface: str, direction: str, forward: bool = False, table: str = TABLE_FILTER) -> str:
     """``cali-fh-<iface>`` (ingress) / ``cali-th-<iface>`` (egress), ``cali-fhfw-`` / ``cali-thfw-`` for
-    forwarded traffic; the all-interfaces endpoint (``*``) has the suffix ``all/``; 10 + 15 always fit."""
+    forwarded traffic; the all-interfaces endpoint (``*``) has the suffix ``all/``; 10 + 15 always fit.
+    The untracked (``table`` raw) and pre-DNAT (mangle, ingress only) chains have the same names in their
+    tables, as in Felix."""
     _check_direction(direction)
+    if table != TABLE_FILTER and (forward or table not in (TABLE_RAW, TABLE_MANGLE)
+                                  or (table == TABLE_MANGLE and direction != INGRESS)):
+        raise PolicyRenderError(f"no {table} host endpoint chain for {direction} (forward={forward})")
     if forward:
         prefix = PREFIX_FROM_HEP_FWD if direction == INGRESS else PREFIX_TO_HEP_FWD
     else:
@@ -556,8 +581,10 @@ def render_profile_chain(profile: Profile, direction: str, opts: RenderOptions =
 
 
 def policy_chains(policy: Policy, opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
-    return [ChainSpec(policy_chain_name(policy.key, d), tuple(render_policy_chain(policy, d, opts)))
-            for d in _DIRECTIONS if d in policy.types]
+    """One chain per direction, in the policy's table (raw: do-not-track, mangle: pre-DNAT, ingress only)."""
+    table = policy_table(policy)
+    return [ChainSpec(policy_chain_name(policy.key, d), tuple(render_policy_chain(policy, d, opts)), table=table)
+            for d in _DIRECTIONS if d in policy.types and not (d == EGRESS and table == TABLE_MANGLE)]
 
 
 def profile_chains(profile: Profile, opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
@@ -595,10 +622,12 @@ def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: Render
         rules.append(IptRule(f"{match} -j DROP".strip(), _clean_comment(f"drop:{name}; {comment}")))
         return rules
 
-    out = [IptRule("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")]
-    if opts.drop_invalid:
-        out.append(IptRule("-m conntrack --ctstate INVALID -j DROP"))
-    if chain == CHAIN_KIND_HOST:
+    out: list[IptRule] = []
+    if chain != CHAIN_KIND_UNTRACKED:  # raw runs before conntrack: no state yet
+        out.append(IptRule("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"))
+        if opts.drop_invalid:
+            out.append(IptRule("-m conntrack --ctstate INVALID -j DROP"))
+    if chain in (CHAIN_KIND_HOST, CHAIN_KIND_UNTRACKED, CHAIN_KIND_PRE_DNAT):  # the failsafe chain of its table
         out.append(IptRule(f"-j {CHAIN_FAILSAFE_IN if direction == INGRESS else CHAIN_FAILSAFE_OUT}"))
     out.append(IptRule(_clear_mark(m.verdicts)))
     if direction == EGRESS and chain == CHAIN_KIND_WORKLOAD:
@@ -615,6 +644,8 @@ def render_endpoint_chain(ep: EndpointPolicyUpdate, direction: str, opts: Render
             assert isinstance(item, PolicyKey)
             out.append(IptRule(f"{_no_mark(m.pass_)} -j {policy_chain_name(item, direction)}"))
             out += counted_drop(_has_mark(m.drop), key, item.id, f"Drop if policy {item.id} denied")
+            if chain == CHAIN_KIND_UNTRACKED:
+                out.append(IptRule(f"{_has_mark(m.accept)} -j CT --notrack", "Untracked policy accepted"))
             out.append(IptRule(f"{_has_mark(m.accept)} -j RETURN", "Return if policy accepted"))
         elif kind == "endtier":
             assert isinstance(item, TierPolicies)
@@ -665,6 +696,7 @@ class HookSpec:
     chain: str
     insert: tuple[IptRule, ...] = ()
     append: tuple[IptRule, ...] = ()
+    table: str = TABLE_FILTER
 
 
 def hooks(opts: RenderOptions = DEFAULT_OPTIONS) -> list[HookSpec]:
@@ -674,42 +706,47 @@ def hooks(opts: RenderOptions = DEFAULT_OPTIONS) -> list[HookSpec]:
                  append=(IptRule(f"{_has_mark(a)} -j ACCEPT", "Policy explicitly accepted packet."),)),
         HookSpec("INPUT", insert=(IptRule(f"-j {CHAIN_INPUT}"),)),
         HookSpec("OUTPUT", insert=(IptRule(f"-j {CHAIN_OUTPUT}"),)),
+        HookSpec("PREROUTING", insert=(IptRule(f"-j {CHAIN_PREROUTING}"),), table=TABLE_RAW),
+        HookSpec("OUTPUT", insert=(IptRule(f"-j {CHAIN_OUTPUT}"),), table=TABLE_RAW),
+        HookSpec("PREROUTING", insert=(IptRule(f"-j {CHAIN_PREROUTING}"),), table=TABLE_MANGLE),
     ]
 
 
-def host_dispatch_chains(heps: dict[str, tuple[bool, bool]],
-                         opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
+def host_dispatch_chains(heps: HepDispatch, opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
     """The nft renderer's host-endpoint dispatch chains: ``-i <iface> -g cali-fh-<iface>`` etc., the
-    all-interfaces endpoint last (``! -i cali+``)."""
+    all-interfaces endpoint last (``! -i cali+``); the raw and mangle ones in their tables."""
     wild = f"{opts.iface_prefix}+"
 
-    def rules(flag: str, direction: str, forward: bool, which: int) -> tuple[IptRule, ...]:
+    def rules(flag: str, direction: str, forward: bool, which: int | None) -> tuple[IptRule, ...]:
         out = []
         for iface in sorted(i for i in heps if i != HEP_ALL_INTERFACES):
-            if not forward or heps[iface][which]:
+            if hep_has(heps[iface], which):
                 out.append(IptRule(f"{flag} {check_iface(iface)} -g "
                                    f"{host_endpoint_chain_name(iface, direction, forward)}"))
-        if HEP_ALL_INTERFACES in heps and (not forward or heps[HEP_ALL_INTERFACES][which]):
+        if HEP_ALL_INTERFACES in heps and hep_has(heps[HEP_ALL_INTERFACES], which):
             target = host_endpoint_chain_name(HEP_ALL_INTERFACES, direction, forward)
             out.append(IptRule(f"! {flag} {wild} -g {target}"))
         return tuple(out)
 
-    return [ChainSpec(CHAIN_FROM_HEP, rules("-i", INGRESS, False, 0)),
-            ChainSpec(CHAIN_TO_HEP, rules("-o", EGRESS, False, 1)),
-            ChainSpec(CHAIN_FROM_HEP_FWD, rules("-i", INGRESS, True, 0)),
-            ChainSpec(CHAIN_TO_HEP_FWD, rules("-o", EGRESS, True, 1))]
+    return [ChainSpec(CHAIN_FROM_HEP, rules("-i", INGRESS, False, None)),
+            ChainSpec(CHAIN_TO_HEP, rules("-o", EGRESS, False, None)),
+            ChainSpec(CHAIN_FROM_HEP_FWD, rules("-i", INGRESS, True, HEP_FWD_IN)),
+            ChainSpec(CHAIN_TO_HEP_FWD, rules("-o", EGRESS, True, HEP_FWD_OUT)),
+            ChainSpec(CHAIN_FROM_HEP, rules("-i", INGRESS, False, HEP_RAW_IN), table=TABLE_RAW),
+            ChainSpec(CHAIN_TO_HEP, rules("-o", EGRESS, False, HEP_RAW_OUT), table=TABLE_RAW),
+            ChainSpec(CHAIN_FROM_HEP, rules("-i", INGRESS, False, HEP_PRE_DNAT_IN), table=TABLE_MANGLE)]
 
 
-def failsafe_rules(items: Sequence[str], inbound: bool, ip_version: int) -> list[str]:
+def failsafe_rules(items: Sequence[str], inbound: bool, ip_version: int, reply: bool = False) -> list[str]:
     """``-p <proto> -m <proto> --dport <port> -j ACCEPT`` per entry (``-s``/``-d`` its CIDR; entries of the
-    other IP version left out)."""
+    other IP version left out); ``reply``: ``--sport`` (the raw table's reply rules, as the nft renderer)."""
     out = []
     for item in items:
         proto, net, port = parse_failsafe(item)
         if net is not None and net.version != ip_version:
             continue
         where = f"{'-s' if inbound else '-d'} {net} " if net is not None else ""
-        out.append(f"{where}-p {proto} -m {proto} --dport {port} -j ACCEPT")
+        out.append(f"{where}-p {proto} -m {proto} --{'sport' if reply else 'dport'} {port} -j ACCEPT")
     return out
 
 
@@ -725,22 +762,44 @@ def static_chains(opts: RenderOptions = DEFAULT_OPTIONS) -> list[ChainSpec]:
                 IptRule(f"-j {_HOST_ACTIONS[opts.endpoint_to_host_action]}", "Configured DefaultEndpointToHostAction")]
     clear = IptRule(_clear_mark(_all_bits(opts)))
     accepted = IptRule(f"{_has_mark(opts.marks.accept)} -j ACCEPT", "Host endpoint policy accepted packet.")
+    # Felix's acceptAlreadyAccepted (raw and mangle clear the bits first, so only they can have set it).
+    already = IptRule(f"{_has_mark(opts.marks.accept)} -j ACCEPT", "Accepted by untracked or pre-DNAT policy.")
     v = opts.ip_version
+    fs_in = tuple(IptRule(r) for r in failsafe_rules(opts.failsafe_inbound, True, v))
+    fs_out = tuple(IptRule(r) for r in failsafe_rules(opts.failsafe_outbound, False, v))
     return [
         ChainSpec(CHAIN_FORWARD, (
-            clear,
-            IptRule(f"-j {CHAIN_FROM_HEP_FWD}"),
+            # Felix: the accept bit carries untracked / pre-DNAT policy's verdict; such a packet skips the
+            # ingress host endpoint's forward policy, workload policy still decides.
+            IptRule(_clear_mark(_all_bits(opts) & ~opts.marks.accept)),
+            IptRule(f"{_no_mark(opts.marks.accept)} -j {CHAIN_FROM_HEP_FWD}"),
             IptRule(f"-i {wild} -j {CHAIN_FROM_WL_DISPATCH}"),
             IptRule(f"-o {wild} -j {CHAIN_TO_WL_DISPATCH}"),
             IptRule(f"-j {CHAIN_TO_HEP_FWD}"),
         )),
-        ChainSpec(CHAIN_INPUT, (*overlay_rules(opts, True), IptRule(f"-i {wild} -g {CHAIN_WL_TO_HOST}"), clear,
+        ChainSpec(CHAIN_INPUT, (*overlay_rules(opts, True), IptRule(f"-i {wild} -g {CHAIN_WL_TO_HOST}"), already, clear,
                                 IptRule(f"-j {CHAIN_FROM_HEP}"), accepted)),
         # Host -> workload traffic is the workload's ingress policy's business.
-        ChainSpec(CHAIN_OUTPUT, (IptRule(f"-o {wild} -j RETURN"), *overlay_rules(opts, False), clear,
+        ChainSpec(CHAIN_OUTPUT, (already, IptRule(f"-o {wild} -j RETURN"), *overlay_rules(opts, False), clear,
                                  IptRule(f"-j {CHAIN_TO_HEP}"), accepted)),
-        ChainSpec(CHAIN_FAILSAFE_IN, tuple(IptRule(r) for r in failsafe_rules(opts.failsafe_inbound, True, v))),
-        ChainSpec(CHAIN_FAILSAFE_OUT, tuple(IptRule(r) for r in failsafe_rules(opts.failsafe_outbound, False, v))),
+        ChainSpec(CHAIN_FAILSAFE_IN, fs_in),
+        ChainSpec(CHAIN_FAILSAFE_OUT, fs_out),
         ChainSpec(CHAIN_WL_TO_HOST, tuple(to_host)),
         *host_dispatch_chains({}, opts),
+        # Untracked policy (raw, before conntrack) and pre-DNAT policy (mangle PREROUTING), Felix's layout;
+        # workload traffic never meets them; failsafe ports pass first (each table has its failsafe chains).
+        ChainSpec(CHAIN_PREROUTING, (clear, IptRule(f"-i {wild} -j RETURN"), IptRule(f"-j {CHAIN_FROM_HEP}"),
+                                     accepted), table=TABLE_RAW),
+        ChainSpec(CHAIN_OUTPUT, (clear, IptRule(f"-o {wild} -j RETURN"), IptRule(f"-j {CHAIN_TO_HEP}"),
+                                 accepted), table=TABLE_RAW),
+        ChainSpec(CHAIN_FAILSAFE_IN, (*fs_in, *(IptRule(r) for r in failsafe_rules(opts.failsafe_outbound, True, v,
+                                                                                   reply=True))), table=TABLE_RAW),
+        ChainSpec(CHAIN_FAILSAFE_OUT, (*fs_out, *(IptRule(r) for r in failsafe_rules(opts.failsafe_inbound, False, v,
+                                                                                     reply=True))), table=TABLE_RAW),
+        ChainSpec(CHAIN_PREROUTING, (IptRule("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+                                     IptRule(f"{_has_mark(opts.marks.accept)} -j ACCEPT",
+                                             "Accepted by untracked policy."),
+                                     IptRule(f"-i {wild} -j RETURN"), clear, IptRule(f"-j {CHAIN_FROM_HEP}"),
+                                     accepted), table=TABLE_MANGLE),
+        ChainSpec(CHAIN_FAILSAFE_IN, fs_in, table=TABLE_MANGLE),
     ]

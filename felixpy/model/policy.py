@@ -305,6 +305,10 @@ class EndpointPolicyUpdate:
     # policies (neither pre-DNAT nor do-not-track), ``forward_tiers`` those of them with applyOnForward.
     host: bool = False
     forward_tiers: tuple[TierPolicies, ...] = ()
+    # Host endpoints only: do-not-track policies (raw table, before conntrack) and pre-DNAT ones (mangle
+    # PREROUTING, ingress only), each in tier order as ``tiers``.
+    untracked_tiers: tuple[TierPolicies, ...] = ()
+    pre_dnat_tiers: tuple[TierPolicies, ...] = ()
 
 
 @dataclass(frozen=True)

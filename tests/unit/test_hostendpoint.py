@@ -12,10 +12,11 @@ from felixpy.calc.graph import CalcGraph
 from felixpy.calc.messages import HostTunnelUpdate
 from felixpy.dataplane import policy_render as nft
 from felixpy.dataplane import policy_render_ipt as ipt
-from felixpy.dataplane.drivers.iptables import IptablesDataplane
+from felixpy.dataplane.drivers.iptables import IpSets, IptablesDataplane, IptablesTable
 from felixpy.dataplane.drivers.nftables import NftTable
 from felixpy.dataplane.masq_mgr import make_nat_backend
 from felixpy.dataplane.policy_mgr import PolicyManager
+from felixpy.dataplane.shims.iptables import Ipset, Iptables
 from felixpy.datastore.api import KIND_GLOBAL_NETWORK_POLICY, KIND_HOST_ENDPOINT, KIND_NODE, KIND_PROFILE, Key
 from felixpy.datastore.syncer import Update
 from felixpy.model.policy import (
@@ -125,6 +126,9 @@ def test_graph_selects_local_host_endpoints() -> None:
     # Normal tiers: both normal policies (order), never the pre-DNAT one; forward: only applyOnForward.
     assert e.tiers == (TierPolicies("default", "Deny", (FWD, DENY), (DENY,)),)
     assert e.forward_tiers == (TierPolicies("default", "Deny", (FWD,), ()),)
+    # The pre-DNAT one in its own tiers (ingress only); no do-not-track policy selects it.
+    assert e.pre_dnat_tiers == (TierPolicies("default", "Deny", (PolicyKey(KIND_GNP, "", "prednat"),), ()),)
+    assert e.untracked_tiers == ()
     sets = [m for m in msgs if isinstance(m, IPSetUpdate)]
     assert len(sets) == 1 and sets[0].members == frozenset({ipaddress.ip_network("10.66.0.1/32"),
                                                             ipaddress.ip_network("10.66.0.9/32")})
@@ -193,10 +197,11 @@ def test_nft_static_failsafe_and_dispatch() -> None:
     chains = {c.name: [r.text for r in c.rules] for c in nft.static_chains(opts)}
     assert chains[nft.CHAIN_FAILSAFE_IN] == ["tcp dport 22 accept", "ip saddr 10.0.0.0/8 udp dport 68 accept"]
     assert chains[nft.CHAIN_FAILSAFE_OUT] == ["udp dport 53 accept"]
-    assert chains[nft.CHAIN_INPUT][1:] == ["meta mark set meta mark & 0xfff8ffff",
+    assert chains[nft.CHAIN_INPUT][1] == "meta mark & 0x00010000 == 0x00010000 accept"  # untracked / pre-DNAT
+    assert chains[nft.CHAIN_INPUT][2:] == ["meta mark set meta mark & 0xfff8ffff",
                                            "jump filter-cali-from-host-endpoint",
                                            "meta mark & 0x00010000 == 0x00010000 accept"]
-    assert chains[nft.CHAIN_OUTPUT][0] == 'oifname "cali*" return'
+    assert chains[nft.CHAIN_OUTPUT][1] == 'oifname "cali*" return'
     assert chains[nft.CHAIN_FROM_HEP] == [] and chains[nft.CHAIN_TO_HEP_FWD] == []
     base = {c.name: c.base for c in nft.static_chains(opts)}[nft.CHAIN_BASE_OUTPUT]
     assert base is not None and base.hook == "output"
@@ -227,15 +232,17 @@ def test_ipt_host_endpoint_chains_and_static() -> None:
     assert ipt.host_endpoint_chain_name("*", EGRESS, True) == "cali-thfw-all/"
     assert ipt.host_endpoint_chain_name("abcdefghijklmno", EGRESS, True) == "cali-thfw-abcdefghijklmno"
     opts = nft.RenderOptions(failsafe_inbound=("tcp:22", "udp:10.0.0.0/8:68"), failsafe_outbound=("tcp:6443",))
-    chains = {c.name: [r.text for r in c.rules] for c in ipt.static_chains(opts)}
+    chains = {c.name: [r.text for r in c.rules] for c in ipt.static_chains(opts) if c.table == "filter"}
     assert chains[ipt.CHAIN_FAILSAFE_IN] == ["-p tcp -m tcp --dport 22 -j ACCEPT",
                                              "-s 10.0.0.0/8 -p udp -m udp --dport 68 -j ACCEPT"]
     assert chains[ipt.CHAIN_FAILSAFE_OUT] == ["-p tcp -m tcp --dport 6443 -j ACCEPT"]
-    assert chains[ipt.CHAIN_OUTPUT] == ["-o cali+ -j RETURN", "-j MARK --set-mark 0/0x1f0000",
+    assert chains[ipt.CHAIN_OUTPUT] == ["-m mark --mark 0x10000/0x10000 -j ACCEPT", "-o cali+ -j RETURN",
+                                        "-j MARK --set-mark 0/0x1f0000",
                                         "-j cali-to-host-endpoint", "-m mark --mark 0x10000/0x10000 -j ACCEPT"]
-    assert [r.text for r in {h.chain: h for h in ipt.hooks()}["OUTPUT"].insert] == ["-j cali-OUTPUT"]
+    assert [r.text for r in {h.chain: h for h in ipt.hooks() if h.table == "filter"}["OUTPUT"].insert] == \
+        ["-j cali-OUTPUT"]
     d = {c.name: [r.text for r in c.rules]
-         for c in ipt.host_dispatch_chains({"eth0": (True, False), "*": (False, False)})}
+         for c in ipt.host_dispatch_chains({"eth0": (True, False), "*": (False, False)}) if c.table == "filter"}
     assert d[ipt.CHAIN_FROM_HEP] == ["-i eth0 -g cali-fh-eth0", "! -i cali+ -g cali-fh-all/"]
     assert d[ipt.CHAIN_TO_HEP] == ["-o eth0 -g cali-th-eth0", "! -o cali+ -g cali-th-all/"]
     assert d[ipt.CHAIN_FROM_HEP_FWD] == ["-i eth0 -g cali-fhfw-eth0"] and d[ipt.CHAIN_TO_HEP_FWD] == []
@@ -303,9 +310,9 @@ def test_manager_host_endpoints(backend: str) -> None:
     assert m.errors == {} and fhfw in names()
     assert fhfw.split()[-1] in (rules(r.CHAIN_FROM_HEP_FWD) or ("",))[0]
     assert rules(r.CHAIN_TO_HEP_FWD) == ()
-    # Hidden (pre-DNAT) forward policy: no forward chain.
+    # Hidden (staged) forward policy: no forward chain.
     m.on_update(ActivePolicyUpdate(Policy(FWD, "default", 10, "role == 'node'", (INGRESS,), apply_on_forward=True,
-                                          pre_dnat=True)))
+                                          staged=True)))
     m.complete_deferred_work()
     assert fhfw not in names() and rules(r.CHAIN_FROM_HEP_FWD) == ()
     # The host endpoint goes: its chains and dispatch go, the workload stays.
@@ -372,9 +379,10 @@ def test_nft_overlay_rules() -> None:
                        "meta l4proto udp udp dport 4790 fib daddr type local drop"]
     assert inp[4:] == plain[nft.CHAIN_INPUT]
     out = chains[nft.CHAIN_OUTPUT]
-    assert out[:3] == ['oifname "cali*" return', f"meta l4proto 4 ip daddr {hosts} fib saddr type local accept",
+    assert out[:4] == ["meta mark & 0x00010000 == 0x00010000 accept", 'oifname "cali*" return',
+                       f"meta l4proto 4 ip daddr {hosts} fib saddr type local accept",
                        f"meta l4proto udp udp dport 4790 fib saddr type local ip daddr {hosts} accept"]
-    assert out[3:] == plain[nft.CHAIN_OUTPUT][1:]
+    assert out[4:] == plain[nft.CHAIN_OUTPUT][2:]
     assert nft.static_set_ids(opts) == {ALL_HOSTS_SET_ID}
     only_vxlan = {c.name: [r.text for r in c.rules] for c in nft.static_chains(nft.RenderOptions(vxlan_enabled=True))}
     assert not any("l4proto 4" in r for r in only_vxlan[nft.CHAIN_INPUT] + only_vxlan[nft.CHAIN_OUTPUT])
@@ -390,8 +398,8 @@ def test_nft_overlay_rules() -> None:
 
 def test_ipt_overlay_rules() -> None:
     opts = nft.RenderOptions(vxlan_enabled=True, ipip_enabled=True)
-    plain = {c.name: [r.text for r in c.rules] for c in ipt.static_chains(nft.RenderOptions())}
-    chains = {c.name: [r.text for r in c.rules] for c in ipt.static_chains(opts)}
+    plain = {c.name: [r.text for r in c.rules] for c in ipt.static_chains(nft.RenderOptions()) if c.table == "filter"}
+    chains = {c.name: [r.text for r in c.rules] for c in ipt.static_chains(opts) if c.table == "filter"}
     hosts = "cali40all-hosts-net"
     assert chains[ipt.CHAIN_INPUT][:4] == [
         f"-p 4 -m set --match-set {hosts} src -m addrtype --dst-type LOCAL -j ACCEPT",
@@ -400,10 +408,11 @@ def test_ipt_overlay_rules() -> None:
         "-p udp -m udp --dport 4789 -m addrtype --dst-type LOCAL -j DROP"]
     assert chains[ipt.CHAIN_INPUT][4:] == plain[ipt.CHAIN_INPUT]
     assert chains[ipt.CHAIN_OUTPUT] == [
+        "-m mark --mark 0x10000/0x10000 -j ACCEPT",
         "-o cali+ -j RETURN",
         f"-p 4 -m set --match-set {hosts} dst -m addrtype --src-type LOCAL -j ACCEPT",
         f"-p udp -m udp --dport 4789 -m addrtype --src-type LOCAL -m set --match-set {hosts} dst -j ACCEPT",
-        *plain[ipt.CHAIN_OUTPUT][1:]]
+        *plain[ipt.CHAIN_OUTPUT][2:]]
     assert ipt.ipset_name(ALL_HOSTS_SET_ID, 4) == hosts
 
 
@@ -467,3 +476,179 @@ def test_manager_overlay_follows_pools(backend: str) -> None:
         m2 = PolicyManager(NftTable(), options=nft.RenderOptions(vxlan_enabled=True))
         m2.on_update(tunnel(False, False))
         assert m2.options.vxlan_enabled
+
+
+# -- untracked (do-not-track) and pre-DNAT policy ----------------------------------------------------------
+UNTRACKED = PolicyKey(KIND_GNP, "", "untracked")
+PRE_DNAT = PolicyKey(KIND_GNP, "", "prednat")
+
+
+def raw_update(untracked: tuple[TierPolicies, ...] = (), pre_dnat: tuple[TierPolicies, ...] = (),
+               iface: str = "eth0") -> EndpointPolicyUpdate:
+    return EndpointPolicyUpdate("hep:h", iface, (), (), name="hep:h", host=True, untracked_tiers=untracked,
+                                pre_dnat_tiers=pre_dnat)
+
+
+def test_graph_untracked_and_pre_dnat_tiers() -> None:
+    g = graph()
+    g.on_updates([
+        upd(KIND_HOST_ENDPOINT, "node1-eth0", hep()),
+        upd(KIND_GLOBAL_NETWORK_POLICY, "untracked", gnp(
+            "untracked", selector="role == 'node'", doNotTrack=True, applyOnForward=True, types=["Ingress", "Egress"])),
+        upd(KIND_GLOBAL_NETWORK_POLICY, "prednat", gnp(
+            "prednat", selector="role == 'node'", preDNAT=True, applyOnForward=True, types=["Ingress"])),
+    ])
+    e = eps(g.flush())["hep:node1-eth0"]
+    assert e.untracked_tiers == (TierPolicies("default", "Deny", (UNTRACKED,), (UNTRACKED,)),)
+    assert e.pre_dnat_tiers == (TierPolicies("default", "Deny", (PRE_DNAT,), ()),)
+    assert e.tiers == () and e.forward_tiers == ()  # neither is normal policy
+
+
+def test_nft_untracked_and_pre_dnat_chains() -> None:
+    t = (TierPolicies("default", "Deny", (UNTRACKED,), (UNTRACKED,)),)
+    drops: dict[str, nft.DropKey] = {}
+    raw = [r.text for r in nft.render_endpoint_chain(raw_update(t), INGRESS, drops=drops,
+                                                     chain=nft.CHAIN_KIND_UNTRACKED)]
+    # Before conntrack: no ct state rules; the raw failsafe chain first; Allow -> notrack; no tier-end drop.
+    assert raw[0] == "jump raw-cali-failsafe-in" and not any(r.startswith("ct state") for r in raw)
+    assert "meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/untracked" in raw
+    assert raw[-2:] == ["meta mark & 0x00010000 == 0x00010000 notrack", "meta mark & 0x00010000 == 0x00010000 return"]
+    assert set(drops.values()) == {("default", "gnp/untracked", "ingress")}
+    out = [r.text for r in nft.render_endpoint_chain(raw_update(t), EGRESS, chain=nft.CHAIN_KIND_UNTRACKED)]
+    assert out[0] == "jump raw-cali-failsafe-out"
+    p = (TierPolicies("default", "Deny", (PRE_DNAT,), ()),)
+    pre = [r.text for r in nft.render_endpoint_chain(raw_update(pre_dnat=p), INGRESS, chain=nft.CHAIN_KIND_PRE_DNAT)]
+    assert pre[:3] == ["ct state established,related accept", "ct state invalid drop", "jump filter-cali-failsafe-in"]
+    assert pre[-1] == "meta mark & 0x00010000 == 0x00010000 return" and "notrack" not in " ".join(pre)
+    assert nft.host_endpoint_chain_name("eth0", INGRESS, False, "raw") == "raw-cali-fh-eth0"
+    assert nft.host_endpoint_chain_name("eth0", EGRESS, False, "raw") == "raw-cali-th-eth0"
+    assert nft.host_endpoint_chain_name("*", INGRESS, False, "mangle") == "mangle-cali-fh-all/"
+    for bad in ((EGRESS, False, "mangle"), (INGRESS, True, "raw"), (INGRESS, False, "nat")):
+        with pytest.raises(nft.PolicyRenderError):
+            nft.host_endpoint_chain_name("eth0", *bad)
+    # Policy chains: a pre-DNAT policy has only an ingress chain; the table is the policy's kind.
+    pol = Policy(PRE_DNAT, "default", 1, "all()", (INGRESS, EGRESS), pre_dnat=True, apply_on_forward=True)
+    assert [(c.name, c.table) for c in nft.policy_chains(pol)] == [("filter-cali-pi-gnp/prednat", "mangle")]
+    unt = Policy(UNTRACKED, "default", 1, "all()", (INGRESS,), do_not_track=True, apply_on_forward=True)
+    assert [c.table for c in nft.policy_chains(unt)] == ["raw"]
+    # Base chains at raw / mangle priority; workload traffic returns first; raw failsafe passes replies.
+    opts = nft.RenderOptions(failsafe_inbound=("tcp:22",), failsafe_outbound=("udp:10.0.0.0/8:53",))
+    st = {c.name: c for c in nft.static_chains(opts)}
+    for name, hook, prio in ((nft.CHAIN_BASE_RAW_PREROUTING, "prerouting", -300),
+                             (nft.CHAIN_BASE_RAW_OUTPUT, "output", -300),
+                             (nft.CHAIN_BASE_MANGLE_PREROUTING, "prerouting", -150)):
+        base = st[name].base
+        assert base is not None and (base.hook, base.priority) == (hook, prio)
+    text = {n: [r.text for r in c.rules] for n, c in st.items()}
+    assert text[nft.CHAIN_RAW_PREROUTING][:3] == ["meta mark set meta mark & 0xfff8ffff", 'iifname "cali*" return',
+                                                  "jump raw-cali-from-host-endpoint"]
+    assert text[nft.CHAIN_MANGLE_PREROUTING][:3] == ["ct state established,related accept",
+                                                     "meta mark & 0x00010000 == 0x00010000 accept",
+                                                     'iifname "cali*" return']
+    assert text[nft.CHAIN_RAW_FAILSAFE_IN] == ["tcp dport 22 accept", "ip saddr 10.0.0.0/8 udp sport 53 accept"]
+    assert text[nft.CHAIN_RAW_FAILSAFE_OUT] == ["ip daddr 10.0.0.0/8 udp dport 53 accept", "tcp sport 22 accept"]
+    d = {c.name: [r.text for r in c.rules] for c in nft.host_dispatch_chains(
+        {"eth0": (False, False, True, False, True), "*": (False, False, False, True)})}
+    assert d[nft.CHAIN_RAW_FROM_HEP] == ['iifname "eth0" goto raw-cali-fh-eth0']
+    assert d[nft.CHAIN_RAW_TO_HEP] == ['oifname != "cali*" goto raw-cali-th-all/']
+    assert d[nft.CHAIN_MANGLE_FROM_HEP] == ['iifname "eth0" goto mangle-cali-fh-eth0']
+
+
+def test_ipt_untracked_and_pre_dnat_chains() -> None:
+    t = (TierPolicies("default", "Deny", (UNTRACKED,), ()),)
+    raw = [r.text for r in ipt.render_endpoint_chain(raw_update(t), INGRESS, chain=ipt.CHAIN_KIND_UNTRACKED)]
+    assert raw[0] == "-j cali-failsafe-in" and not any("conntrack" in r for r in raw)
+    assert raw[-2:] == ["-m mark --mark 0x10000/0x10000 -j CT --notrack", "-m mark --mark 0x10000/0x10000 -j RETURN"]
+    p = (TierPolicies("default", "Deny", (PRE_DNAT,), ()),)
+    pre = [r.text for r in ipt.render_endpoint_chain(raw_update(pre_dnat=p), INGRESS, chain=ipt.CHAIN_KIND_PRE_DNAT)]
+    assert pre[2] == "-j cali-failsafe-in" and pre[-1] == "-m mark --mark 0x10000/0x10000 -j RETURN"
+    assert ipt.host_endpoint_chain_name("eth0", INGRESS, False, "mangle") == "cali-fh-eth0"
+    opts = nft.RenderOptions(failsafe_inbound=("tcp:22",), failsafe_outbound=("tcp:6443",))
+    by_table: dict[str, dict[str, list[str]]] = {}
+    for c in ipt.static_chains(opts):
+        by_table.setdefault(c.table, {})[c.name] = [r.text for r in c.rules]
+    assert by_table["raw"]["cali-failsafe-in"] == ["-p tcp -m tcp --dport 22 -j ACCEPT",
+                                                   "-p tcp -m tcp --sport 6443 -j ACCEPT"]
+    assert by_table["raw"]["cali-PREROUTING"] == ["-j MARK --set-mark 0/0x1f0000", "-i cali+ -j RETURN",
+                                                  "-j cali-from-host-endpoint",
+                                                  "-m mark --mark 0x10000/0x10000 -j ACCEPT"]
+    assert by_table["mangle"]["cali-failsafe-in"] == ["-p tcp -m tcp --dport 22 -j ACCEPT"]
+    assert by_table["filter"]["cali-FORWARD"][:2] == ["-j MARK --set-mark 0/0x1e0000",
+                                                      "-m mark --mark 0/0x10000 -j cali-from-hep-forward"]
+    hooks = {(h.table, h.chain): [r.text for r in h.insert] for h in ipt.hooks(opts)}
+    assert hooks[("raw", "PREROUTING")] == hooks[("mangle", "PREROUTING")] == ["-j cali-PREROUTING"]
+    assert hooks[("raw", "OUTPUT")] == ["-j cali-OUTPUT"]
+    d = {(c.table, c.name): [r.text for r in c.rules]
+         for c in ipt.host_dispatch_chains({"eth0": (False, False, True, True, True)})}
+    assert d[("raw", "cali-from-host-endpoint")] == ["-i eth0 -g cali-fh-eth0"]
+    assert d[("raw", "cali-to-host-endpoint")] == ["-o eth0 -g cali-th-eth0"]
+    assert d[("mangle", "cali-from-host-endpoint")] == ["-i eth0 -g cali-fh-eth0"]
+    assert d[("filter", "cali-from-hep-forward")] == []
+
+
+def ipt_dataplane_raw(with_raw: bool = True) -> IptablesDataplane:
+    ipt_runner = Iptables()
+    names = ("nat", "filter", "raw", "mangle") if with_raw else ("nat", "filter")
+    return IptablesDataplane([IptablesTable(n, ipt_runner) for n in names], IpSets(Ipset()))
+
+
+@pytest.mark.parametrize("backend", ["nft", "ipt"])
+def test_manager_untracked_and_pre_dnat(backend: str) -> None:
+    def tables() -> dict[str, Any]:
+        return {"filter": table, "raw": table, "mangle": table} if backend == "nft" else \
+            {n: dp.table(n) for n in ("filter", "raw", "mangle")}
+
+    if backend == "nft":
+        table = NftTable()
+        m = PolicyManager(table)
+        r: Any = nft
+    else:
+        dp = ipt_dataplane_raw()
+        m = PolicyManager(dp)
+        r = ipt
+    t = tables()
+    unt = Policy(UNTRACKED, "default", 1, "role == 'node'", (INGRESS,), ingress=(Rule(ACTION_ALLOW),),
+                 do_not_track=True, apply_on_forward=True)
+    pre = Policy(PRE_DNAT, "default", 1, "role == 'node'", (INGRESS,), ingress=(Rule(ACTION_ALLOW),),
+                 pre_dnat=True, apply_on_forward=True)
+    m.on_update(ActivePolicyUpdate(unt))
+    m.on_update(ActivePolicyUpdate(pre))
+    # A workload's tiers list every policy selecting it; it never jumps to untracked / pre-DNAT ones.
+    m.on_update(EndpointPolicyUpdate("ns1/a", "calia", (TierPolicies("default", "Deny", (UNTRACKED, PRE_DNAT), ()),),
+                                     ()))
+    m.on_update(raw_update((TierPolicies("default", "Deny", (UNTRACKED,), ()),),
+                           (TierPolicies("default", "Deny", (PRE_DNAT,), ()),)))
+    m.complete_deferred_work()
+    assert m.errors == {}
+    pi_unt, pi_pre = r.policy_chain_name(UNTRACKED, INGRESS), r.policy_chain_name(PRE_DNAT, INGRESS)
+    assert t["raw"].has_chain(pi_unt) and t["mangle"].has_chain(pi_pre)
+    if backend == "ipt":
+        assert not t["filter"].has_chain(pi_unt) and not t["filter"].has_chain(pi_pre)
+    raw_fh = r.host_endpoint_chain_name("eth0", INGRESS, False, "raw")
+    raw_th = r.host_endpoint_chain_name("eth0", EGRESS, False, "raw")
+    man_fh = r.host_endpoint_chain_name("eth0", INGRESS, False, "mangle")
+    assert any(pi_unt in x for x in t["raw"].desired_rules(raw_fh) or ())
+    assert any(pi_pre in x for x in t["mangle"].desired_rules(man_fh) or ())
+    assert t["raw"].desired_rules(raw_th) is None  # no untracked egress policy: no chain
+    wl = " ".join(t["filter"].desired_rules(r.endpoint_chain_name("calia", INGRESS)) or ())
+    assert "gnp/untracked" not in wl and "gnp/prednat" not in wl and "Start of tier" not in wl
+    from_hep = r.CHAIN_RAW_FROM_HEP if backend == "nft" else r.CHAIN_FROM_HEP
+    assert raw_fh in " ".join(t["raw"].desired_rules(from_hep) or ())
+    # The endpoint loses its untracked policy: the chain and its dispatch go.
+    m.on_update(raw_update((), (TierPolicies("default", "Deny", (PRE_DNAT,), ()),)))
+    m.complete_deferred_work()
+    assert t["raw"].desired_rules(raw_fh) is None and t["raw"].desired_rules(from_hep) == ()
+    assert t["mangle"].desired_rules(man_fh) is not None
+    m.on_update(EndpointPolicyRemove("hep:h"))
+    m.complete_deferred_work()
+    assert t["mangle"].desired_rules(man_fh) is None and m.errors == {}
+
+
+def test_manager_ipt_without_raw_table_reports() -> None:
+    m = PolicyManager(ipt_dataplane_raw(with_raw=False))
+    m.on_update(ActivePolicyUpdate(Policy(UNTRACKED, "default", 1, "all()", (INGRESS,), do_not_track=True,
+                                          apply_on_forward=True)))
+    m.on_update(raw_update((TierPolicies("default", "Deny", (UNTRACKED,), ()),)))
+    m.complete_deferred_work()
+    assert set(m.errors) == {"policy gnp/untracked", "endpoint hep:h"}
+    assert "raw table" in m.errors["policy gnp/untracked"]

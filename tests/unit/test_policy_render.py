@@ -373,8 +373,8 @@ def test_static_and_dispatch() -> None:
     base = chains[CHAIN_BASE_FORWARD].base
     assert base is not None and (base.hook, base.priority) == ("forward", 0)
     assert [r.text for r in chains[CHAIN_FORWARD].rules] == [
-        "meta mark set meta mark & 0xfff8ffff",
-        "jump filter-cali-from-hep-forward",
+        "meta mark set meta mark & 0xfff9ffff",  # all but the accept bit (untracked / pre-DNAT verdict)
+        "meta mark & 0x00010000 == 0 jump filter-cali-from-hep-forward",
         'iifname "cali*" jump filter-cali-from-wl-dispatch',
         'oifname "cali*" jump filter-cali-to-wl-dispatch',
         "jump filter-cali-to-hep-forward"]

@@ -404,11 +404,13 @@ def test_endpoint_chain_missing_and_staged() -> None:
 
 
 def test_static_hooks_and_dispatch() -> None:
-    chains = {c.name: [r.text for r in c.rules] for c in static_chains()}
-    assert chains[CHAIN_FORWARD] == ["-j MARK --set-mark 0/0x1f0000", "-j cali-from-hep-forward",
+    chains = {c.name: [r.text for r in c.rules] for c in static_chains() if c.table == "filter"}
+    assert chains[CHAIN_FORWARD] == ["-j MARK --set-mark 0/0x1e0000",
+                                     "-m mark --mark 0/0x10000 -j cali-from-hep-forward",
                                      "-i cali+ -j cali-from-wl-dispatch", "-o cali+ -j cali-to-wl-dispatch",
                                      "-j cali-to-hep-forward"]
-    assert chains[CHAIN_INPUT] == ["-i cali+ -g cali-wl-to-host", "-j MARK --set-mark 0/0x1f0000",
+    assert chains[CHAIN_INPUT] == ["-i cali+ -g cali-wl-to-host", "-m mark --mark 0x10000/0x10000 -j ACCEPT",
+                                   "-j MARK --set-mark 0/0x1f0000",
                                    "-j cali-from-host-endpoint", "-m mark --mark 0x10000/0x10000 -j ACCEPT"]
     assert chains[CHAIN_WL_TO_HOST] == ["-j cali-from-wl-dispatch", "-j ACCEPT"]
     drop = {c.name: [r.text for r in c.rules] for c in static_chains(RenderOptions(endpoint_to_host_action="DROP"))}
@@ -443,7 +445,7 @@ def pol(key: PolicyKey = KEY, *rules: Rule, **kw: object) -> Policy:
 def test_manager_desired_state() -> None:
     dp = dataplane()
     f, sets = dp.table("filter"), dp.ipsets
-    assert sets is not None and set(dp.tables) == {"nat", "filter"}
+    assert sets is not None and set(dp.tables) == {"nat", "filter", "raw", "mangle"}
     m = PolicyManager(dp)
     assert m.ip_version == 4
     m.on_update(IPSetUpdate(SID, frozenset({N("10.65.0.7/32"), N("fd00::7/128")})))
