@@ -1140,25 +1140,35 @@ class LinkWatch:
         """Drain the queue: (names of links announced deleted, whether events were lost)."""
         names: set[str] = set()
         lost = False
-        while True:
-            try:
-                buf = self._sock.recv(_RECV_BUF)
-            except BlockingIOError:
-                return names, lost
-            except OSError as e:
-                if e.errno == _errno.ENOBUFS:
-                    lost = True
-                    continue
-                raise
-            n = len(buf)
-            off = 0
-            while off + 16 <= n:
-                mlen, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, off)
-                if mlen < 16:
-                    break
-                if mtype == RTM_DELLINK:
-                    names.add(_parse_link(buf, off + 16, off + mlen).name)
-                off += (mlen + 3) & ~3
+        for msg in _drain_multicast(self._sock):
+            if msg is None:
+                lost = True
+            elif msg[0] == RTM_DELLINK:
+                names.add(_parse_link(msg[1], msg[2], msg[3]).name)
+        return names, lost
+
+
+def _drain_multicast(sock: socket.socket) -> Iterator[tuple[int, bytes, int, int] | None]:
+    """Every message queued on a non-blocking multicast socket, as (type, buffer, payload start, end);
+    None where the kernel dropped events (ENOBUFS: the receive queue overflowed)."""
+    while True:
+        try:
+            buf = sock.recv(_RECV_BUF)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno == _errno.ENOBUFS:
+                yield None
+                continue
+            raise
+        n = len(buf)
+        off = 0
+        while off + 16 <= n:
+            mlen, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, off)
+            if mlen < 16:
+                break
+            yield mtype, buf, off + 16, off + mlen
+            off += (mlen + 3) & ~3
 
 
 class Monitor:
@@ -1194,35 +1204,23 @@ class Monitor:
 
     def read_events(self) -> list[Event]:
         events: list[Event] = []
-        while True:
-            try:
-                buf = self._sock.recv(_RECV_BUF)
-            except BlockingIOError:
-                return events
-            except OSError as e:
-                if e.errno == _errno.ENOBUFS:
-                    events.append(Overflow())
-                    continue
-                raise
-            n = len(buf)
-            off = 0
-            while off + 16 <= n:
-                mlen, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, off)
-                if mlen < 16:
-                    break
-                end = off + mlen
-                if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
-                    r = _parse_route(buf, off + 16, end)
-                    if r is not None:
-                        events.append(RouteEvent(mtype == RTM_DELROUTE, r))
-                elif mtype in (RTM_NEWLINK, RTM_DELLINK):
-                    ln = _parse_link(buf, off + 16, end)
-                    if mtype == RTM_DELLINK:
-                        self._names.pop(ln.index, None)
-                    else:
-                        self._names[ln.index] = ln.name
-                    events.append(LinkEvent(mtype == RTM_DELLINK, ln))
-                off += (mlen + 3) & ~3
+        for msg in _drain_multicast(self._sock):
+            if msg is None:
+                events.append(Overflow())
+                continue
+            mtype, buf, start, end = msg
+            if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
+                r = _parse_route(buf, start, end)
+                if r is not None:
+                    events.append(RouteEvent(mtype == RTM_DELROUTE, r))
+            elif mtype in (RTM_NEWLINK, RTM_DELLINK):
+                ln = _parse_link(buf, start, end)
+                if mtype == RTM_DELLINK:
+                    self._names.pop(ln.index, None)
+                else:
+                    self._names[ln.index] = ln.name
+                events.append(LinkEvent(mtype == RTM_DELLINK, ln))
+        return events
 
     def drain_owned_route_changes(self, iface_prefixes: Sequence[str],
                                   protocols: Iterable[int] = (80,)) -> bool:
