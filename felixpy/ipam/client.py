@@ -349,27 +349,7 @@ class IPAMClient:
             block = self._fast_parse(cidr, bkv) if bkv is not None else None
             if bkv is None or block is None:
                 return None
-            ords = block.release_by_handle(handle_id)
-            if not ords:
-                return None
-            if block.is_empty() and block.affinity is None:
-                bop: tuple[str, KVPair] = ("delete", bkv)
-            else:
-                block.bump_sequence()
-                bop = ("update", KVPair(bkv.key, _with_spec(bkv.value, block.to_spec()), bkv.revision, bkv.uid))
-            try:
-                out = await txn([bop, ("delete", hkv), *extra])
-            except (Conflict, NotFound):
-                self._blocks.pop(cidr, None)
-                self._handles.pop(handle_id, None)
-                return None
-            self._handles.pop(handle_id, None)
-            if bop[0] == "update":
-                self._remember_block(cidr, out[0])
-                self._parsed[cidr] = (out[0].revision, block)
-            else:
-                self._blocks.pop(cidr, None)
-            return [block.ordinal_to_ip(o) for o in ords]
+            return await self._release_one_block_txn(txn, cidr, bkv, block, hkv, handle_id, extra, keep_parsed=True)
 
     async def release_by_handle(self, handle_id: str) -> list[IPAddress]:
         """Release every address of ``handle_id`` and delete the handle; a missing handle gives []."""
@@ -746,27 +726,41 @@ class IPAMClient:
         block = self._parse_block(bkv) if bkv is not None else None
         if bkv is None or block is None:
             return False
+        # No addresses, or a lost race: decided on a fresh read by the step-by-step path.
+        ips = await self._release_one_block_txn(txn, cidr, bkv, block, hkv, handle_id, ())
+        if ips is None:
+            return False
+        released.extend(ips)
+        return True
+
+    async def _release_one_block_txn(self, txn: Callable[[list[tuple[str, KVPair]]], Awaitable[list[KVPair]]],
+                                     cidr: str, bkv: KVPair, block: Block, hkv: KVPair, handle_id: str,
+                                     extra: Sequence[tuple[str, KVPair]], *, keep_parsed: bool = False
+                                     ) -> list[IPAddress] | None:
+        """Release ``handle_id``'s addresses in its one block, delete the handle and apply ``extra``, in one
+        transaction. None when the handle has no address there or a compare failed (caches dropped)."""
         ords = block.release_by_handle(handle_id)
         if not ords:
-            return False  # decided on a fresh read by the step-by-step path
+            return None
         if block.is_empty() and block.affinity is None:
             bop: tuple[str, KVPair] = ("delete", bkv)
         else:
             block.bump_sequence()
             bop = ("update", KVPair(bkv.key, _with_spec(bkv.value, block.to_spec()), bkv.revision, bkv.uid))
         try:
-            out = await txn([bop, ("delete", hkv)])
+            out = await txn([bop, ("delete", hkv), *extra])
         except (Conflict, NotFound):
             self._blocks.pop(cidr, None)
             self._handles.pop(handle_id, None)
-            return False
+            return None
         self._handles.pop(handle_id, None)
         if bop[0] == "update":
             self._remember_block(cidr, out[0])
+            if keep_parsed:
+                self._parsed[cidr] = (out[0].revision, block)
         else:
             self._blocks.pop(cidr, None)
-        released.extend(block.ordinal_to_ip(o) for o in ords)
-        return True
+        return [block.ordinal_to_ip(o) for o in ords]
 
     def _txn(self) -> Callable[[list[tuple[str, KVPair]]], Awaitable[list[KVPair]]] | None:
         """The backend's optional multi-key CAS transaction (the etcd backend's ``txn_write``)."""
