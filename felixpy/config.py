@@ -135,6 +135,8 @@ class Config:
     log_drops: bool = False
     ipv6_support: bool = False  # FELIX_IPV6SUPPORT: accepted; IPv6 is not implemented (logged when true)
     cluster_type: str = ""  # CLUSTER_TYPE: recorded on the Node (e.g. "k8s,bgp"), informational
+    # FELIXPY_BGP_READY_GRACE: how long after start BGP sessions may all be down without failing readiness.
+    bgp_ready_grace: float = 60.0
     bgp_hold_time: int = 90  # FELIXPY_BGP_HOLD_TIME: hold time of every session (keepalive = hold / 3)
     bgp_dir: str = "/var/run/calico/bgp"  # FELIXPY_BGP_DIR: ExaBGP config + the relay's socket
     cni_socket: str = names.DEFAULT_CNI_SOCKET
@@ -253,6 +255,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         if mode not in ("enabled", "disabled"):
             raise ConfigError(f"FELIXPY_POLICY: expected enabled or disabled, got {e['FELIXPY_POLICY']!r}")
         c.policy_enabled = mode == "enabled"
+    if e.get("FELIXPY_BGP_READY_GRACE"):
+        c.bgp_ready_grace = _seconds(e["FELIXPY_BGP_READY_GRACE"], "FELIXPY_BGP_READY_GRACE")
     if e.get("FELIXPY_BGP_HOLD_TIME"):
         # BGP allows 0 (no keepalives) or at least 3 seconds.
         c.bgp_hold_time = _int(e["FELIXPY_BGP_HOLD_TIME"], "FELIXPY_BGP_HOLD_TIME", 3, 65535)

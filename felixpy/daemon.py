@@ -53,17 +53,6 @@ from felixpy.datastore.api import (
 from felixpy.datastore.factory import make_backend
 from felixpy.datastore.syncer import DedupeBuffer, Syncer, SyncStatus, WatchSpec
 from felixpy.ipam import IPAMClient
-from felixpy.model.policy import (
-    ActivePolicyRemove,
-    ActivePolicyUpdate,
-    ActiveProfileRemove,
-    ActiveProfileUpdate,
-    EndpointPolicyRemove,
-    EndpointPolicyUpdate,
-    IPSetDeltaUpdate,
-    IPSetRemove,
-    IPSetUpdate,
-)
 from felixpy.startup import run_startup
 
 log = logging.getLogger(__name__)
@@ -79,25 +68,6 @@ _TTP_KINDS = frozenset({KIND_WEP, KIND_PROFILE, KIND_NETWORK_POLICY, KIND_GLOBAL
                         KIND_K8S_NETWORK_POLICY, KIND_NETWORK_SET, KIND_GLOBAL_NETWORK_SET, KIND_TIER,
                         KIND_HOST_ENDPOINT})
 _POLICY_KINDS = (KIND_NETWORK_POLICY, KIND_GLOBAL_NETWORK_POLICY, KIND_K8S_NETWORK_POLICY)
-
-
-_POLICY_MSGS = (ActivePolicyUpdate, ActivePolicyRemove, ActiveProfileUpdate, ActiveProfileRemove, EndpointPolicyUpdate,
-                EndpointPolicyRemove, IPSetUpdate, IPSetDeltaUpdate, IPSetRemove)
-
-
-def _env_seconds(name: str, default: float) -> float:
-    """A felixpy-only duration from the environment (bad values fall back to the default, loudly)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        v = float(raw)
-        if v < 0:
-            raise ValueError("negative")
-        return v
-    except ValueError:
-        log.error("%s=%r is not a number of seconds; using %g", name, raw, default)
-        return default
 
 
 def _snapshot(d: dict[Any, Any]) -> dict[str, Any]:
@@ -128,16 +98,10 @@ class Agent:
         self.health.register("InternalDataplaneMainLoop", timeout=90.0)
         self.health.register("Tunnels")
         self.started = time.monotonic()
-        # FELIXPY_BGP_READY_GRACE: how long after start BGP sessions may all be down without failing readiness.
-        self.bgp_ready_grace = _env_seconds("FELIXPY_BGP_READY_GRACE", health.DEFAULT_BGP_READY_GRACE)
+        self.bgp_ready_grace = cfg.bgp_ready_grace
         if cfg.networking_backend == "bird":
             self.health.register("BGP")
         self.cluster = health.ClusterView(cfg.nodename)
-        # What the calculation layer has sent to the policy dataplane (for /status and Felix's gauges).
-        self._active_policies: set[Any] = set()
-        self._active_profiles: set[str] = set()
-        self._policy_endpoints: set[str] = set()
-        self._ipsets: set[str] = set()
         self._ttp_pending: list[float] = []
         self._ttp_wake = asyncio.Event()
         self._ds_errors_seen = 0
@@ -257,9 +221,7 @@ class Agent:
                     self.bgp.on_message(m)
                 continue
             dp.append(m)
-            if isinstance(m, _POLICY_MSGS):
-                self._note_policy_message(m)
-            elif isinstance(m, HostTunnelUpdate):
+            if isinstance(m, HostTunnelUpdate):
                 self._host = m
                 self._update_pod_mtu()
                 self._tunnel_report()
@@ -276,23 +238,11 @@ class Agent:
             self.dataplane.submit(dp)
         return len(dp)
 
-    def _note_policy_message(self, m: Any) -> None:
-        if isinstance(m, ActivePolicyUpdate):
-            self._active_policies.add(m.policy.key)
-        elif isinstance(m, ActivePolicyRemove):
-            self._active_policies.discard(m.key)
-        elif isinstance(m, ActiveProfileUpdate):
-            self._active_profiles.add(m.profile.name)
-        elif isinstance(m, ActiveProfileRemove):
-            self._active_profiles.discard(m.name)
-        elif isinstance(m, EndpointPolicyUpdate):
-            self._policy_endpoints.add(m.endpoint)
-        elif isinstance(m, EndpointPolicyRemove):
-            self._policy_endpoints.discard(m.endpoint)
-        elif isinstance(m, IPSetUpdate | IPSetDeltaUpdate):
-            self._ipsets.add(m.set_id)
-        elif isinstance(m, IPSetRemove):
-            self._ipsets.discard(m.set_id)
+    def _policy_counts(self) -> dict[str, int]:
+        if self.policy_mgr is None:
+            return {"policies": 0, "profiles": 0, "endpoints": 0, "ipsets": 0}
+        counts: dict[str, int] = self.policy_mgr.counts()
+        return counts
 
     def _tunnel_report(self) -> None:
         host = self._host
@@ -392,9 +342,10 @@ class Agent:
         metrics.cluster_num_weps.set(c.count(KIND_WEP))
         metrics.cluster_num_policies.set(c.count(*_POLICY_KINDS))
         metrics.cluster_num_profiles.set(c.count(KIND_PROFILE))
-        metrics.active_local_policies.set(len(self._active_policies))
-        metrics.active_local_profiles.set(len(self._active_profiles))
-        metrics.ipsets_total.set(len(self._ipsets))
+        pc = self._policy_counts()
+        metrics.active_local_policies.set(pc["policies"])
+        metrics.active_local_profiles.set(pc["profiles"])
+        metrics.ipsets_total.set(pc["ipsets"])
         pools = self._pool_usage()
         local = c.local_blocks()
         metrics.set_ipam_usage({p["cidr"]: (p["total"], p["in_blocks"], p["allocated"], p["blocks"]) for p in pools},
@@ -444,8 +395,7 @@ class Agent:
             },
             "policy": {
                 "enabled": cfg.policy_enabled, "backend": cfg.nat_backend,
-                "policies": len(self._active_policies), "profiles": len(self._active_profiles),
-                "endpoints": len(self._policy_endpoints), "ipsets": len(self._ipsets),
+                **self._policy_counts(),
                 "errors": _snapshot(pm.errors) if pm is not None else {},
                 "invalid_resources": self.calc.invalid_resources,
                 "cluster_policies": self.cluster.count(*_POLICY_KINDS),

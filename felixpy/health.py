@@ -82,7 +82,6 @@ class Health:
 
 
 # -- BGP readiness (calico-node's -bird-ready, with a start-up grace) -----------------------------------------
-DEFAULT_BGP_READY_GRACE = 60.0
 
 
 def bgp_readiness(peers: Sequence[Mapping[str, Any]], *, uptime: float, grace: float) -> tuple[bool, str]:

@@ -744,6 +744,12 @@ class PolicyManager:
         self.errors[obj] = why
 
     # -- status -------------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """What the manager holds (active policies, profiles, endpoints, IP sets), for the gauges and
+        /status; len() of each dict is safe to read from another thread."""
+        return {"policies": len(self._policies), "profiles": len(self._profiles),
+                "endpoints": len(self._endpoints), "ipsets": len(self._sets)}
+
     @property
     def endpoint_ifaces(self) -> frozenset[str]:
         """Workload interfaces whose endpoint chains are in the desired state."""
