@@ -12,12 +12,13 @@ every chain, hook, set and table it made."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
 import struct
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,13 +150,19 @@ def _ipt_dataplane(node: str, backend: str) -> IptablesDataplane:
     return dp
 
 
-@pytest.fixture(params=["nft", "iptables-legacy", "iptables-nft"])
-def lab(request: pytest.FixtureRequest, make_ns: Callable[[], str]) -> Iterator[Lab]:
-    backend = str(request.param)
+BACKENDS = ["nft", "iptables-legacy", "iptables-nft"]
+
+
+@contextlib.contextmanager
+def host_lab(backend: str, make_ns: Callable[[], str], *, node_setup: Callable[[str], None] | None = None,
+             profiles: Sequence[dict[str, Any]] = (PROFILE,)) -> Iterator[Lab]:
+    """The node/client/pod topology with the whole policy pipeline on ``backend``; the pod is a local
+    workload with the first of ``profiles`` (every profile is known to the calculator). ``node_setup(node)``
+    runs after the wiring. On exit every chain, hook and set of ours must be gone (checked)."""
     ns = {"node": make_ns(), "client": make_ns(), "pod": make_ns()}
     node, client, pod = ns["node"], ns["client"], ns["pod"]
-    sh("ip", "-n", node, "link", "set", "lo", "up")
-    sh("ip", "-n", client, "link", "set", "lo", "up")
+    for n in (node, client, pod):
+        sh("ip", "-n", n, "link", "set", "lo", "up")
     sh("ip", "-n", node, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", client)
     sh("ip", "-n", node, "addr", "add", f"{NODE_IP}/24", "dev", "eth0")
     sh("ip", "-n", client, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
@@ -164,7 +171,6 @@ def lab(request: pytest.FixtureRequest, make_ns: Callable[[], str]) -> Iterator[
     sh("ip", "-n", client, "route", "add", "default", "via", NODE_IP)
     # The pod, as Calico's CNI wires it.
     sh("ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "calia", "netns", node)
-    sh("ip", "-n", pod, "link", "set", "lo", "up")
     sh("ip", "-n", pod, "addr", "add", f"{POD_IP}/32", "dev", "eth0")
     sh("ip", "-n", pod, "link", "set", "eth0", "up")
     sh("ip", "-n", pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
@@ -176,6 +182,8 @@ def lab(request: pytest.FixtureRequest, make_ns: Callable[[], str]) -> Iterator[
         write_sysctl("net/ipv4/ip_forward", 1)
         write_sysctl("net/ipv4/conf/calia/proxy_arp", 1)
         write_sysctl("net/ipv4/neigh/calia/proxy_delay", 0)
+    if node_setup is not None:
+        node_setup(node)
 
     cleanup: Callable[[], None]
     if backend == "nft":
@@ -201,17 +209,19 @@ def lab(request: pytest.FixtureRequest, make_ns: Callable[[], str]) -> Iterator[
             cleaner = _ipt_dataplane(node, ipt_backend)
             cleaner.allow_removals()
             cleaner.apply()
-            out = sh("ip", "netns", "exec", node, f"iptables-{ipt_backend}-save", "-t", "filter")
-            left = [ln for ln in out.splitlines() if "cali" in ln and not ln.startswith("#")]
+            for t in ("filter", "raw", "mangle"):
+                out = sh("ip", "netns", "exec", node, f"iptables-{ipt_backend}-save", "-t", t)
+                left = [ln for ln in out.splitlines() if "cali" in ln and not ln.startswith("#")]
+                assert left == [], (t, left)
             sets = [s for s in sh("ip", "netns", "exec", node, "ipset", "list", "-n").split() if s.startswith("cali")]
-            assert left == [] and sets == [], (left, sets)
+            assert sets == [], sets
 
     lab = Lab(backend, ns, mgr, apply)
-    # The pod: a local workload with the allow-all namespace profile.
-    prof = parse_profile(PROFILE)
-    lab.calc.set_profile(prof.name, prof)
+    parsed = [parse_profile(p) for p in profiles]
+    for prof in parsed:
+        lab.calc.set_profile(prof.name, prof)
     lab.calc.set_endpoint("ns1/pod-a", local=True, iface="calia",
-                          labels=endpoint_labels({LABEL_NAMESPACE: "ns1"}, [prof]), profiles=(prof.name,),
+                          labels=endpoint_labels({LABEL_NAMESPACE: "ns1"}, [parsed[0]]), profiles=(parsed[0].name,),
                           addrs=(), name="ns1/pod-a")
     try:
         yield lab
@@ -219,6 +229,12 @@ def lab(request: pytest.FixtureRequest, make_ns: Callable[[], str]) -> Iterator[
         for s in lab.servers:
             s.close()
         cleanup()
+
+
+@pytest.fixture(params=BACKENDS)
+def lab(request: pytest.FixtureRequest, make_ns: Callable[[], str]) -> Iterator[Lab]:
+    with host_lab(str(request.param), make_ns) as lab:
+        yield lab
 
 
 def test_host_endpoint_failsafe_and_policy(lab: Lab) -> None:

@@ -19,15 +19,7 @@ from typing import Any
 
 import pytest
 
-from felixpy.dataplane.drivers.iptables import IpSets, IptablesDataplane, IptablesTable
-from felixpy.dataplane.drivers.nftables import NftTable
-from felixpy.dataplane.policy_mgr import PolicyManager
-from felixpy.dataplane.shims.iptables import Ipset, Iptables
-from felixpy.dataplane.shims.netns import in_netns, write_sysctl
-from felixpy.dataplane.shims.nft import Nft
-from felixpy.model.policy import LABEL_NAMESPACE
-from felixpy.model.policy_parse import endpoint_labels, parse_profile
-from tests.integration.test_hostendpoint import CLIENT_IP, NODE_IP, OPTS, POD_IP, PROFILE, Lab, gnp, hep, sh
+from tests.integration.test_hostendpoint import BACKENDS, NODE_IP, POD_IP, PROFILE, Lab, gnp, hep, host_lab, sh
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
@@ -54,85 +46,17 @@ PRE_DNAT_DENY_TCP = gnp("prednat-deny", selector="role == 'node'", order=20, pre
                         types=["Ingress"], ingress=[{"action": "Deny", "protocol": "TCP"}])
 
 
-def _ipt_dataplane(node: str, backend: str) -> IptablesDataplane:
-    ipt = Iptables(ip_version=4, backend=backend, netns=f"/run/netns/{node}")
-    tables = [IptablesTable(t, ipt) for t in ("nat", "filter", "raw", "mangle")]
-    return IptablesDataplane(tables, IpSets(Ipset(netns=f"/run/netns/{node}"), ip_version=4))
-
-
-@pytest.fixture(params=["nft", "iptables-legacy", "iptables-nft"])
-def lab(request: pytest.FixtureRequest, make_ns: Callable[[], str]) -> Iterator[Lab]:
-    backend = str(request.param)
-    ns = {"node": make_ns(), "client": make_ns(), "pod": make_ns()}
-    node, client, pod = ns["node"], ns["client"], ns["pod"]
-    for n in (node, client, pod):
-        sh("ip", "-n", n, "link", "set", "lo", "up")
-    sh("ip", "-n", node, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", client)
-    sh("ip", "-n", node, "addr", "add", f"{NODE_IP}/24", "dev", "eth0")
-    sh("ip", "-n", client, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
-    sh("ip", "-n", node, "link", "set", "eth0", "up")
-    sh("ip", "-n", client, "link", "set", "eth0", "up")
-    sh("ip", "-n", client, "route", "add", "default", "via", NODE_IP)
-    sh("ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "calia", "netns", node)
-    sh("ip", "-n", pod, "addr", "add", f"{POD_IP}/32", "dev", "eth0")
-    sh("ip", "-n", pod, "link", "set", "eth0", "up")
-    sh("ip", "-n", pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
-    sh("ip", "-n", pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
-    sh("ip", "-n", node, "link", "set", "calia", "up")
-    sh("ip", "-n", node, "route", "add", f"{POD_IP}/32", "dev", "calia", "scope", "link")
-    sh("ip", "-n", node, "route", "add", "169.254.1.1/32", "dev", "lo")
-    with in_netns(f"/run/netns/{node}"):
-        write_sysctl("net/ipv4/ip_forward", 1)
-        write_sysctl("net/ipv4/conf/calia/proxy_arp", 1)
-        write_sysctl("net/ipv4/neigh/calia/proxy_delay", 0)
+def _dnat_7777(node: str) -> None:
     # The DNAT under test (not ours to manage: a separate nft table, gone with the namespace).
     subprocess.run(["ip", "netns", "exec", node, "nft", "-f", "-"], check=True, text=True, input=(
         "table ip fxdnat {\n chain pre {\n type nat hook prerouting priority dstnat; policy accept;\n"
         f"  tcp dport 7777 dnat to {NODE_IP}:8080\n }}\n}}\n"))
 
-    cleanup: Callable[[], None]
-    if backend == "nft":
-        table = NftTable(Nft(f"/run/netns/{node}"), removals_allowed=True)
-        mgr = PolicyManager(table, options=OPTS)
 
-        def apply() -> None:
-            stats = table.apply()
-            assert not stats.failed, stats.failed
-
-        cleanup = table.delete_table
-    else:
-        ipt_backend = backend.split("-")[1]
-        dp = _ipt_dataplane(node, ipt_backend)
-        dp.allow_removals()
-        mgr = PolicyManager(dp, options=OPTS)
-
-        def apply() -> None:
-            stats = dp.apply()
-            assert all(s.failed == {} for s in stats.values()), stats
-
-        def cleanup() -> None:
-            cleaner = _ipt_dataplane(node, ipt_backend)
-            cleaner.allow_removals()
-            cleaner.apply()
-            for t in ("filter", "raw", "mangle"):
-                out = sh("ip", "netns", "exec", node, f"iptables-{ipt_backend}-save", "-t", t)
-                left = [ln for ln in out.splitlines() if "cali" in ln and not ln.startswith("#")]
-                assert left == [], (t, left)
-
-    lab = Lab(backend, ns, mgr, apply)
-    prof = parse_profile(PROFILE)
-    lab.calc.set_profile(prof.name, prof)
-    lab.calc.set_endpoint("ns1/pod-a", local=True, iface="calia",
-                          labels=endpoint_labels({LABEL_NAMESPACE: "ns1"}, [prof]), profiles=(prof.name,),
-                          addrs=(), name="ns1/pod-a")
-    allow = parse_profile(ALLOW_PROFILE)
-    lab.calc.set_profile(allow.name, allow)
-    try:
+@pytest.fixture(params=BACKENDS)
+def lab(request: pytest.FixtureRequest, make_ns: Callable[[], str]) -> Iterator[Lab]:
+    with host_lab(str(request.param), make_ns, node_setup=_dnat_7777, profiles=(PROFILE, ALLOW_PROFILE)) as lab:
         yield lab
-    finally:
-        for s in lab.servers:
-            s.close()
-        cleanup()
 
 
 def _hep_allow_all() -> dict[str, Any]:
