@@ -37,6 +37,7 @@ from felixpy.datastore.api import KIND_IPPOOL, KIND_NODE, Key
 from felixpy.datastore.syncer import Update
 from felixpy.model.policy import HEP_ID_PREFIX, LABEL_NAMESPACE
 from felixpy.model.policy_parse import endpoint_labels, parse_host_endpoint, parse_policy, parse_profile
+from tests.integration.test_policy_mgr import tcp_connects
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
@@ -112,16 +113,7 @@ class Lab:
         return s
 
     def tcp(self, src: str, dst_ip: str, port: int) -> bool:
-        with in_netns(f"/run/netns/{self.ns[src]}"):
-            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        c.settimeout(1.0)
-        try:
-            c.connect((dst_ip, port))
-            return True
-        except (TimeoutError, OSError):
-            return False
-        finally:
-            c.close()
+        return tcp_connects(f"/run/netns/{self.ns[src]}", dst_ip, port)
 
     def udp(self, src: str, dst_ip: str, receiver: socket.socket) -> bool:
         """One datagram from ``src`` to the receiver's port at ``dst_ip``: did it arrive?"""

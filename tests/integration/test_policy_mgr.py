@@ -71,6 +71,20 @@ SEC = PolicyKey(KIND_GNP, "", "security")
 OPEN = PolicyKey(KIND_GNP, "", "open")
 
 
+def tcp_connects(netns_path: str, dst_ip: str, port: int) -> bool:
+    """A fresh TCP connection from inside ``netns_path`` gets through (1 s to connect)."""
+    with in_netns(netns_path):
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    c.settimeout(1.0)
+    try:
+        c.connect((dst_ip, port))
+        return True
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        c.close()
+
+
 def sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True)
 
@@ -105,16 +119,7 @@ class Lab:
     def tcp(self, src: str, dst_ip: str, port: int) -> bool:
         """A fresh TCP connection from pod ``src`` (or the node) gets through."""
         ns = self.node if src == "node" else self.pods[src]
-        with in_netns(self.path(ns)):
-            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        c.settimeout(1.0)
-        try:
-            c.connect((dst_ip, port))
-            return True
-        except (TimeoutError, OSError):
-            return False
-        finally:
-            c.close()
+        return tcp_connects(self.path(ns), dst_ip, port)
 
     def ping(self, src: str, dst_ip: str) -> bool:
         p = subprocess.run(["ip", "netns", "exec", self.pods[src], "ping", "-c1", "-W1", "-q", dst_ip],

@@ -48,7 +48,12 @@ from felixpy.model.policy import (
     selector_set_id,
 )
 from felixpy.model.selector import parse_selector
-from tests.integration.test_policy_mgr import drops_scenario, named_ports_scenario, remove_together_scenario
+from tests.integration.test_policy_mgr import (
+    drops_scenario,
+    named_ports_scenario,
+    remove_together_scenario,
+    tcp_connects,
+)
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
@@ -107,16 +112,7 @@ class Lab:
 
     def tcp(self, src: str, dst_ip: str, port: int) -> bool:
         ns = self.node if src == "node" else self.pods[src]
-        with in_netns(self.path(ns)):
-            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        c.settimeout(1.0)
-        try:
-            c.connect((dst_ip, port))
-            return True
-        except (TimeoutError, OSError):
-            return False
-        finally:
-            c.close()
+        return tcp_connects(self.path(ns), dst_ip, port)
 
     def ping(self, src: str, dst_ip: str) -> bool:
         p = subprocess.run(["ip", "netns", "exec", self.pods[src], "ping", "-c1", "-W1", "-q", dst_ip],
