@@ -116,13 +116,15 @@ def test_status_ok_and_metrics_on_a_healthy_node(mesh: tuple[Cluster, list[Pod]]
         seen: dict[str, str] = {}
 
         def settled() -> bool:
-            """Status (JSON and text) all OK and the policy gauge published, in one observation: sessions
-            may still be settling right after start (a collision resets one) and gauges update every 1 s."""
+            """Status (JSON and text) all OK and the policy gauge published, in one observation: the fixture's
+            BGPConfiguration change (restart time, negotiated in OPEN) resets every session a few seconds after
+            start, and gauges update every 1 s."""
             rc, out = cli(c, 1, "status", "-o", "json")
             rc2, text = cli(c, 1, "status")
             code, m = http(c, 1, "/metrics")
             seen.update(json=out, text=text, metrics=m)
             return (rc == rc2 == 0 and code == 200 and all(ch["status"] == "OK" for ch in json.loads(out)["checks"])
+                    and text.startswith(f"felixpy status of {c.node(1).name}: OK")
                     and (metric(m, "felix_active_local_policies") or 0) >= 1)
 
         assert c.wait_for(settled, CONVERGE, 1.0), seen
